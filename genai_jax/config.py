@@ -1,0 +1,208 @@
+"""Frozen dataclass configs and named presets.
+
+Configs are hashable so they can be static arguments to `jax.jit`. The CLI maps
+`--<section>.<field>` flags onto them with tyro; nothing here parses argv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class UserError(Exception):
+    """An error the user caused (bad file, flag or run directory); printed as one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the tokenizer (rounded up to `vocab_multiple`)."""
+    vocab_multiple: int = 1
+    """Pad the vocabulary to a multiple of this (64 suits GPUs: GPT-2's 50257 becomes 50304)."""
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    context_len: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = False
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    positions: Literal["learned", "rope"] = "learned"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    tie_embeddings: bool = True
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype; parameters are always float32."""
+    remat: Literal["none", "full", "dots"] = "none"
+    """Rematerialise each block in the backward pass: everything, or all but matmul outputs."""
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    """`jax.nn.dot_product_attention` implementation; auto picks cuDNN flash attention on GPU."""
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int = 0
+    """Cosine decay ends here; 0 means at `train.max_steps`."""
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    """Weight decay applies to matrices; embeddings, norms and biases are excluded unless this is on."""
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    """Micro-batches per step; the batch is split and gradients summed inside one compiled step."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "world"
+    """`world` (the embedded synthetic task world), `tfds:NAME` (e.g. tfds:tiny_shakespeare), or `text`."""
+    path: str = ""
+    """A local text file or a folder of .txt files; setting it implies `source=text`."""
+    tfds_split: str = "train"
+    text_feature: str = "text"
+    tokenizer: Literal["char", "sentencepiece"] = "char"
+    sp_vocab_size: int = 1024
+    sp_model_type: Literal["bpe", "unigram"] = "bpe"
+    tokenizer_path: str = ""
+    """An existing sentencepiece .model file to use instead of training one."""
+    val_fraction: float = 0.1
+    seq_len: int = 0
+    """Training sequence length; 0 means the model's context length."""
+    world_docs: int = 20000
+    """Number of documents in the synthetic world's pretraining corpus."""
+    seed: int = 0
+
+    @property
+    def resolved_source(self) -> str:
+        return "text" if self.path else self.source
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 12
+    """Global batch size (sequences per optimizer step, over all devices and micro-batches)."""
+    max_steps: int = 2000
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    strategy: Literal["single", "mesh", "pmap"] = "mesh"
+    mesh_data: int = -1
+    """Size of the mesh's `data` axis; -1 takes all devices not used by `fsdp`."""
+    mesh_fsdp: int = 1
+    """Size of the mesh's `fsdp` axis: parameters and optimizer state are split over it."""
+    sample_tokens: int = 200
+    """Tokens sampled into samples.txt at the end of the run (0 to skip)."""
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def replace(cfg, **sections):
+    """`dataclasses.replace` for nested configs: `replace(cfg, model={"n_layer": 2})`."""
+    updates = {
+        name: dataclasses.replace(getattr(cfg, name), **value) if isinstance(value, dict) else value
+        for name, value in sections.items()
+    }
+    return dataclasses.replace(cfg, **updates)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, where: str = "config") -> RunConfig:
+    """Rebuild a RunConfig from `to_dict` output, naming any unknown field."""
+    sections = {}
+    for section in dataclasses.fields(RunConfig):
+        cls = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}[section.name]
+        values = data.get(section.name, {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{where}: unknown field(s) {section.name}.{', '.join(unknown)}")
+        sections[section.name] = cls(**values)
+    return RunConfig(**sections)
+
+
+def dumps(cfg) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def diff(old, new, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two configs."""
+    changed = []
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(a):
+            changed += diff(a, b, prefix=name + ".")
+        elif a != b:
+            changed.append(name)
+    return changed
+
+
+_TINY = RunConfig(
+    model=ModelConfig(n_layer=2, n_head=4, d_model=128, context_len=96),
+    optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.1),
+    data=DataConfig(source="world"),
+    train=TrainConfig(batch_size=32, max_steps=600, eval_every=200, ckpt_every=200, eval_batches=8),
+)
+
+_SHAKESPEARE_CPU = RunConfig(
+    model=ModelConfig(n_layer=4, n_head=4, d_model=128, context_len=64),
+    optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, b2=0.99, weight_decay=0.1, clip_norm=1.0),
+    data=DataConfig(source="tfds:tiny_shakespeare"),
+    train=TrainConfig(batch_size=12, max_steps=2000, eval_every=250, ckpt_every=500, eval_batches=20),
+)
+
+_SHAKESPEARE_GPU = RunConfig(
+    model=ModelConfig(n_layer=6, n_head=6, d_model=384, context_len=256, dropout=0.2),
+    optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, b2=0.99, weight_decay=0.1, clip_norm=1.0),
+    data=DataConfig(source="tfds:tiny_shakespeare"),
+    train=TrainConfig(batch_size=64, max_steps=5000, eval_every=250, ckpt_every=1000, eval_batches=200),
+)
+
+_GPT2_SMALL = RunConfig(
+    model=ModelConfig(
+        n_layer=12, n_head=12, d_model=768, context_len=1024, vocab_multiple=64, dtype="bfloat16"
+    ),
+    optim=OptimConfig(lr=6e-4, min_lr=6e-5, warmup_steps=2000, b2=0.95, weight_decay=0.1, clip_norm=1.0),
+    data=DataConfig(source="tfds:lm1b", tokenizer="sentencepiece", sp_vocab_size=32000),
+    train=TrainConfig(
+        batch_size=64, max_steps=600000, eval_every=2000, ckpt_every=2000, eval_batches=50, sample_tokens=0
+    ),
+)
+
+PRESETS: dict[str, RunConfig] = {
+    "tiny": _TINY,
+    "shakespeare-char-cpu": _SHAKESPEARE_CPU,
+    "shakespeare-char": _SHAKESPEARE_GPU,
+    "gpt2-small": _GPT2_SMALL,
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,1 @@
+"""Data: sources of records (the synthetic world, local files, the TFDS catalog) and grain loaders."""

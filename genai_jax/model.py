@@ -1,0 +1,260 @@
+"""A decoder-only transformer (GPT) as a Flax Linen module.
+
+One set of weights serves three uses:
+- the training forward pass: `model.apply(params, tokens)` -> logits;
+- decoding with a KV cache: `model.apply(params, tokens, cache=cache)` -> (logits, new_cache),
+  where the cache is a plain pytree made by `init_cache` and threaded through by the caller;
+- a scalar head (`head="scalar"`): one number per position, for reward and value models.
+
+Parameters are float32; `ModelConfig.dtype` sets the compute dtype. This module imports nothing
+from training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from genai_jax.config import ModelConfig
+
+Head = Literal["lm", "scalar", "hidden"]
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def _attention_impl(cfg: ModelConfig):
+    """cuDNN flash attention needs a GPU and half precision; elsewhere XLA's implementation."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and cfg.dtype == "bfloat16" else "xla"
+
+
+def swiglu_hidden(cfg: ModelConfig) -> int:
+    """SwiGLU width: 2/3 of the GELU MLP's, so both have the same parameter count, rounded to 8."""
+    return int(math.ceil(2 * cfg.mlp_ratio * cfg.d_model / 3 / 8)) * 8
+
+
+def rotate(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding of x [B, T, H, D] at integer positions [B, T]."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict[str, jax.Array]:
+    """An empty KV cache for `max_len` positions: keys/values per layer, which slots hold real
+    tokens (left padding stays invalid), and the next slot to write."""
+    shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, compute_dtype(cfg)),
+        "v": jnp.zeros(shape, compute_dtype(cfg)),
+        "valid": jnp.zeros((batch_size, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, std: float | None = None) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=cfg.bias,
+        dtype=compute_dtype(cfg),
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(cfg.init_std if std is None else std),
+        name=name,
+    )
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=1e-5, dtype=compute_dtype(cfg), name=name)
+    return nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=compute_dtype(cfg), name=name)
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layer)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, layer_cache=None):
+        cfg = self.cfg
+        batch, length, _ = x.shape
+        qkv = _dense(cfg, 3 * cfg.d_model, "qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(batch, length, 3 * cfg.n_head, cfg.head_dim), 3, axis=2)
+        if cfg.positions == "rope":
+            q, k = rotate(q, positions), rotate(k, positions)
+        new_cache = None
+        if layer_cache is not None:
+            cached_k, cached_v, index = layer_cache
+            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
+            new_cache = (k, v)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=mask is None, implementation=_attention_impl(cfg)
+        )
+        out = _dense(cfg, cfg.d_model, "proj", std=_residual_std(cfg))(out.reshape(batch, length, -1))
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        if cfg.mlp == "swiglu":
+            hidden = swiglu_hidden(cfg)
+            gate, up = jnp.split(_dense(cfg, 2 * hidden, "fc")(x), 2, axis=-1)
+            x = nn.silu(gate) * up
+        else:
+            x = nn.gelu(_dense(cfg, cfg.mlp_ratio * cfg.d_model, "fc")(x))
+        return _dense(cfg, cfg.d_model, "proj", std=_residual_std(cfg))(x)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask, layer_cache=None):
+        drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+        attn_out, new_cache = Attention(self.cfg, name="attn")(_norm(self.cfg, "ln_1")(x), positions, mask, layer_cache)
+        x = x + drop(attn_out)
+        x = x + drop(MLP(self.cfg, name="mlp")(_norm(self.cfg, "ln_2")(x)))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _attention_mask(length: int, segment_ids, cache) -> jax.Array | None:
+    """None for plain causal attention (lets cuDNN use its causal kernel); else a [B, 1, T, S] mask.
+
+    With segment ids (packed rows) a token sees earlier tokens of its own segment only. With a
+    cache, query t sits at slot index + t and sees the valid slots up to it.
+    """
+    if cache is not None:
+        slots = jnp.arange(cache["valid"].shape[1])
+        query_slots = cache["index"] + jnp.arange(length)
+        causal = slots[None, :] <= query_slots[:, None]
+        return causal[None, None] & cache["valid"][:, None, None, :]
+    if segment_ids is not None:
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        return (causal[None] & same)[:, None]
+    return None
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        deterministic: bool = True,
+        head: Head = "lm",
+    ) -> Any:
+        """tokens [B, T] -> logits [B, T, V] (head="lm"), values [B, T] ("scalar") or hidden states.
+
+        positions: [B, T] integer positions (default 0..T-1, or from the cache's index on).
+        segment_ids: [B, T] ids of packed sequences; attention never crosses them.
+        token_mask: [B, T] which tokens are real (decode only: marks left padding).
+        cache: from `init_cache`; when given, returns (output, new_cache).
+        """
+        cfg = self.cfg
+        batch, length = tokens.shape
+        if length > cfg.context_len and cache is None:
+            raise ValueError(f"sequence of {length} tokens is longer than the model's context_len {cfg.context_len}")
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+
+        wte = self.param("wte", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), jnp.float32)
+        x = jnp.take(wte, tokens, axis=0)
+        if cfg.positions == "learned":
+            wpe = self.param("wpe", nn.initializers.normal(cfg.init_std), (cfg.context_len, cfg.d_model), jnp.float32)
+            x = x + jnp.take(wpe, positions, axis=0)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x.astype(compute_dtype(cfg)))
+
+        new_cache = None
+        if cache is not None:
+            valid_new = jnp.ones((batch, length), bool) if token_mask is None else token_mask.astype(bool)
+            valid = jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, cache["index"]))
+            cache = dict(cache, valid=valid)
+            new_cache = {"k": [], "v": []}
+        mask = _attention_mask(length, segment_ids, cache)
+
+        block_cls = Block
+        if cfg.remat != "none" and cache is None:
+            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
+        for i in range(cfg.n_layer):
+            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i], cache["index"])
+            x, layer_new = block_cls(cfg, deterministic, name=f"h_{i}")(x, positions, mask, layer_cache)
+            if layer_new is not None:
+                new_cache["k"].append(layer_new[0])
+                new_cache["v"].append(layer_new[1])
+        x = _norm(cfg, "ln_f")(x)
+
+        if head == "hidden":
+            out = x
+        elif head == "scalar":
+            scalar_init = nn.initializers.normal(1.0 / math.sqrt(cfg.d_model + 1))
+            out = nn.Dense(1, dtype=jnp.float32, kernel_init=scalar_init, name="scalar_head")(x)[..., 0]
+        elif cfg.tie_embeddings:
+            out = x @ wte.astype(x.dtype).T
+        else:
+            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg), name="lm_head",
+                           kernel_init=nn.initializers.normal(cfg.init_std))(x)
+        if cache is None:
+            return out
+        new_cache = {
+            "k": jnp.stack(new_cache["k"]),
+            "v": jnp.stack(new_cache["v"]),
+            "valid": cache["valid"],
+            "index": cache["index"] + length,
+        }
+        return out, new_cache
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, head: Head = "lm"):
+    """Float32 parameters for `GPT(cfg)`, built from a dummy batch of one token row."""
+    tokens = jnp.zeros((1, min(cfg.context_len, 8)), jnp.int32)
+    return GPT(cfg).init(rng, tokens, head=head)
+
+
+def count_params(params, embeddings: bool = True) -> int:
+    """Parameter count; `embeddings=False` leaves out token and position embeddings (for MFU)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    total = 0
+    for path, leaf in flat:
+        names = {getattr(k, "key", None) for k in path}
+        if not embeddings and names & {"wte", "wpe"}:
+            continue
+        total += leaf.size
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, n_non_embedding: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·Q·T for attention (PaLM appendix B)."""
+    return 6 * n_non_embedding + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

@@ -1,0 +1,67 @@
+"""Jit-compiled generation with a KV cache: prefill the prompt once, then one token per step.
+
+Prompts are left-padded to a common length (`prompt_mask` marks real tokens); positions count
+real tokens only, so padding changes nothing. Temperature, top-k and top-p shape the sampled
+distribution; temperature 0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from genai_jax.config import ModelConfig, UserError
+from genai_jax.model import GPT, init_cache
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+    """Keep the `top_k` largest logits (0: all) and the smallest set whose probability reaches
+    `top_p` (1: all); the rest become -inf."""
+    if top_k > 0:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array):
+    """Next token ids [B] from logits [B, V]; temperature <= 0 means argmax."""
+    logits = logits.astype(jnp.float32)
+    tempered = logits / jnp.maximum(temperature, 1e-6)
+    sampled = jax.random.categorical(rng, filter_logits(tempered, top_k, top_p), axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
+def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_tokens: int,
+             temperature=1.0, top_k: int = 0, top_p=1.0):
+    """New tokens [B, max_new_tokens] after left-padded prompts [B, P]."""
+    model = GPT(cfg)
+    batch, prompt_len = prompt.shape
+    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    logits, cache = model.apply(params, prompt, positions=positions, token_mask=prompt_mask, cache=cache)
+
+    def step(carry, key):
+        cache, logits, position = carry
+        token = sample_token(logits, key, temperature, top_k, top_p)
+        logits, cache = model.apply(params, token[:, None], positions=position[:, None], cache=cache)
+        return (cache, logits[:, 0], position + 1), token
+
+    keys = jax.random.split(rng, max_new_tokens)
+    _, tokens = jax.lax.scan(step, (cache, logits[:, -1], positions[:, -1] + 1), keys)
+    return tokens.T
+
+
+def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    if prompt_len + max_new_tokens > cfg.context_len:
+        raise UserError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context_len {cfg.context_len}"
+        )

@@ -1,0 +1,165 @@
+"""Tokenizers: characters, or a sentencepiece model trained on the corpus. Both save into and load
+from a run directory (`tokenizer.json`, plus `tokenizer.model` for sentencepiece).
+
+Id 0 is always the pad token: a separate token that no text spells.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from genai_jax.config import DataConfig, UserError
+
+PAD = "<pad>"
+TOKENIZER_FILE = "tokenizer.json"
+SP_MODEL_FILE = "tokenizer.model"
+
+
+class CharTokenizer:
+    """One id per character of the corpus (sorted), after the special tokens."""
+
+    specials = (PAD,)
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.id_of = {c: i + len(self.specials) for i, c in enumerate(chars)}
+
+    @classmethod
+    def build(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.specials) + len(self.chars)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            return np.fromiter((self.id_of[c] for c in text), dtype=np.int32, count=len(text))
+        except KeyError as err:
+            raise UserError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary") from None
+
+    def decode(self, ids) -> str:
+        offset = len(self.specials)
+        return "".join(self.chars[i - offset] if i >= offset else self.specials[i] for i in np.asarray(ids).tolist())
+
+    def save(self, directory: Path) -> None:
+        (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "char", "chars": self.chars}))
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model (BPE or unigram) with byte fallback, so any text encodes.
+
+    Newlines are a piece of their own: sentencepiece reads its input line by line, so text is
+    encoded a line at a time and the newline id is put back between lines.
+    """
+
+    def __init__(self, model_path: Path):
+        import sentencepiece as spm
+
+        self.model_path = Path(model_path)
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.newline_id = self.sp.piece_to_id("\n")
+
+    @classmethod
+    def train(cls, text: str, directory: Path, vocab_size: int, model_type: str) -> "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        lines = [line for line in text.split("\n") if line.strip()]
+        if not lines:
+            raise UserError("cannot train a sentencepiece tokenizer on an empty corpus")
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = str(Path(tmp) / "sp")
+            try:
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter(lines),
+                    model_prefix=prefix,
+                    vocab_size=vocab_size,
+                    model_type=model_type,
+                    character_coverage=1.0,
+                    byte_fallback=vocab_size > 260,
+                    pad_id=0,
+                    unk_id=1,
+                    bos_id=-1,
+                    eos_id=-1,
+                    user_defined_symbols=["\n"],
+                    normalization_rule_name="identity",
+                    remove_extra_whitespaces=False,
+                    split_digits=True,
+                    input_sentence_size=2_000_000,
+                    shuffle_input_sentence=True,
+                    minloglevel=2,
+                )
+            except RuntimeError as err:
+                raise UserError(f"sentencepiece training failed: {err}") from None
+            shutil.copy(prefix + ".model", directory / SP_MODEL_FILE)
+        return cls(directory / SP_MODEL_FILE)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def encode(self, text: str) -> np.ndarray:
+        pieces: list[int] = []
+        for i, ids in enumerate(self.sp.encode(text.split("\n"))):
+            if i:
+                pieces.append(self.newline_id)
+            pieces.extend(ids)
+        return np.asarray(pieces, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        lines, current = [], []
+        for i in np.asarray(ids).tolist():
+            if i == self.newline_id:
+                lines.append(current)
+                current = []
+            else:
+                current.append(i)
+        lines.append(current)
+        return "\n".join(self.sp.decode(line) for line in lines)
+
+    def save(self, directory: Path) -> None:
+        if self.model_path != directory / SP_MODEL_FILE:
+            shutil.copy(self.model_path, directory / SP_MODEL_FILE)
+        (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "sentencepiece", "model": SP_MODEL_FILE}))
+
+
+Tokenizer = CharTokenizer | SentencePieceTokenizer
+
+
+def build_tokenizer(cfg: DataConfig, text: str, directory: Path) -> Tokenizer:
+    """A tokenizer for `text` as the data config asks, saved into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if cfg.tokenizer == "char":
+        tokenizer = CharTokenizer.build(text)
+    elif cfg.tokenizer_path:
+        if not Path(cfg.tokenizer_path).is_file():
+            raise UserError(f"data.tokenizer_path: {cfg.tokenizer_path} does not exist")
+        tokenizer = SentencePieceTokenizer(Path(cfg.tokenizer_path))
+    else:
+        tokenizer = SentencePieceTokenizer.train(text, directory, cfg.sp_vocab_size, cfg.sp_model_type)
+    tokenizer.save(directory)
+    return tokenizer
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    path = directory / TOKENIZER_FILE
+    if not path.exists():
+        raise UserError(f"{directory}: no {TOKENIZER_FILE}")
+    spec = json.loads(path.read_text())
+    if spec["type"] == "char":
+        return CharTokenizer(spec["chars"])
+    return SentencePieceTokenizer(directory / spec["model"])

@@ -1,0 +1,168 @@
+"""The one train step and the fit loop. Nothing here knows an objective by name."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from genai_jax.parallel import identity, to_host
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes, as one pytree: what a checkpoint holds."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
+
+
+def _with_denominator(batch: dict, reduce: Callable, num_micro: int) -> dict:
+    """Add `loss_denominator`: weighted items per shard, so shard means give the global mean.
+
+    `reduce` averages over devices, so reduce(local sum) = global sum / devices; dividing by the
+    micro-batch count makes it the global count per (device, micro-batch) shard.
+    """
+    local_total = jnp.sum(batch["weights"].astype(jnp.float32))
+    denominator = jnp.maximum(reduce(local_total) / num_micro, 1e-6)
+    return dict(batch, loss_denominator=denominator)
+
+
+def _split_micro(batch: dict, num_micro: int) -> dict:
+    """[B, ...] -> [num_micro, B / num_micro, ...], taking every num_micro-th row so that each
+    device's contiguous block of rows splits locally (no resharding under `mesh`)."""
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(objective: Callable, optimizer: optax.GradientTransformation, reduce: Callable = identity,
+                    accum_steps: int = 1):
+    """The train step for any objective: grads of the (token-normalised) loss, reduced, applied.
+
+    With `accum_steps` > 1 the batch is split into micro-batches scanned inside the step; their
+    losses share one global denominator, so accumulation changes nothing but memory.
+    """
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        batch = _with_denominator(batch, reduce, accum_steps)
+        if accum_steps == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch, rng)
+        else:
+            denominator = batch.pop("loss_denominator")
+            micro = (_split_micro(batch, accum_steps), jax.random.split(rng, accum_steps))
+
+            def micro_grads(micro_batch, key):
+                return grad_fn(state.params, dict(micro_batch, loss_denominator=denominator), key)
+
+            def accumulate(total, micro_step):
+                return jax.tree.map(jnp.add, total, micro_grads(*micro_step)), None
+
+            first = micro_grads(*jax.tree.map(lambda x: x[0], micro))
+            total, _ = jax.lax.scan(accumulate, first, jax.tree.map(lambda x: x[1:], micro))
+            (loss, metrics), grads = jax.tree.map(lambda x: x / accum_steps, total)
+        grads, metrics = reduce(grads), reduce(metrics | {"loss": loss})
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
+        return new_state, metrics | {"grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(objective: Callable, reduce: Callable = identity):
+    """Loss and metrics of one batch, normalised by its global weight."""
+
+    def eval_step(state: TrainState, batch: dict, rng: jax.Array):
+        loss, metrics = objective(state.params, _with_denominator(batch, reduce, 1), rng)
+        return reduce(metrics | {"loss": loss})
+
+    return eval_step
+
+
+def evaluate(eval_fn: Callable, state, batches: list[dict], strategy, rng: jax.Array) -> dict[str, float]:
+    """Mean of the eval metrics over fixed batches (equal-weight batches: a plain mean)."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        metrics = to_host(eval_fn(state, strategy.place_batch(batch), rng))
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return {f"val_{name}": value / len(batches) for name, value in totals.items()}
+
+
+def fit(
+    state,
+    *,
+    step_fn: Callable,
+    eval_fn: Callable,
+    strategy,
+    train_iter: Iterator[dict],
+    val_batches: list[dict],
+    checkpointer,
+    writer,
+    cfg,
+    tokens_per_step: int,
+    lr_fn: Callable[[int], float],
+):
+    """Train from `state.step` to `cfg.max_steps`, logging, evaluating and checkpointing.
+
+    `train_iter` must offer `get_state()` (saved with each checkpoint). Step k's dropout key is
+    `fold_in(rng, k)`, so a resumed run sees the same keys as an uninterrupted one. Ctrl-C saves
+    a checkpoint at the step boundary before stopping.
+    """
+    host_state = strategy.state_to_host(state)
+    step = int(to_host(host_state.step))
+    base_rng = to_host(host_state.rng)
+    last_saved = step
+    show = cfg.progress and jax.process_index() == 0
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not show, dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), step
+
+    def save():
+        checkpointer.save(step, strategy.state_to_host(state), train_iter.get_state())
+
+    try:
+        while step < cfg.max_steps:
+            batch = strategy.place_batch(next(train_iter))
+            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics = {k: float(v) for k, v in to_host(metrics).items()}
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
+                tick, tick_step = now, step
+                writer.write({"step": step, **metrics, "lr": float(lr_fn(step - 1)), "tokens_per_s": tokens_per_s})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if val_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                record = evaluate(eval_fn, state, val_batches, strategy, base_rng)
+                writer.write({"step": step, **record})
+                if show:
+                    bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+                tick = time.perf_counter()
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                save()
+                last_saved = step
+    except KeyboardInterrupt:
+        if step > last_saved:
+            save()
+        checkpointer.wait()
+        bar.close()
+        raise
+    checkpointer.wait()
+    bar.close()
+    return state
