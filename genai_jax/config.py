@@ -37,8 +37,9 @@ class ModelConfig:
     """Compute dtype; parameters are always float32."""
     remat: Literal["none", "full", "dots"] = "none"
     """Rematerialise each block in the backward pass: everything, or all but matmul outputs."""
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
-    """`jax.nn.dot_product_attention` implementation; auto picks cuDNN flash attention on GPU."""
+    attention: Literal["auto", "xla", "cudnn", "einsum"] = "auto"
+    """xla/cudnn: `jax.nn.dot_product_attention`'s implementations; einsum: plain einsums (fastest on
+    CPU); auto: cudnn on a GPU in bfloat16, else einsum."""
     init_std: float = 0.02
 
     @property

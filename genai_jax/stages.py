@@ -7,6 +7,7 @@ without the CLI. Running a stage again on the same directory resumes it.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -22,7 +23,7 @@ from genai_jax.optim import make_optimizer, schedule
 from genai_jax.parallel import Mesh, make_strategy
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
-from genai_jax.train import TrainState, fit, make_eval_step, make_train_step
+from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
 
 
 def seq_len(cfg: RunConfig) -> int:
@@ -41,16 +42,6 @@ def with_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     elif vocab < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-
-
-def new_state_fn(cfg: RunConfig, optimizer):
-    """A function making the initial TrainState from the train seed (for jit and eval_shape)."""
-
-    def init():
-        init_key, train_key = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
-        return TrainState.create(init_params(cfg.model, init_key), optimizer, train_key)
-
-    return init
 
 
 def restore_target(abstract_state, strategy):
@@ -100,7 +91,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
 
     model = GPT(cfg.model)
     optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
-    init_fn = new_state_fn(cfg, optimizer)
+    init_fn = make_init_fn(partial(init_params, cfg.model), optimizer, cfg.train.seed)
     abstract_state = jax.eval_shape(init_fn)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
@@ -167,7 +158,7 @@ def load_trained(run_dir: str | Path) -> tuple[RunConfig, Tokenizer, dict]:
     checkpointer = Checkpointer(run_dir / "checkpoints")
     if checkpointer.latest_step() is None:
         raise UserError(f"{run_dir}: no checkpoint yet")
-    abstract_state = jax.eval_shape(new_state_fn(cfg, make_optimizer(cfg.optim, cfg.train.max_steps)))
+    abstract_state = jax.eval_shape(make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps), cfg.train.seed))
     state, _ = checkpointer.restore(restore_target(abstract_state, make_strategy(dataclasses.replace(
         cfg.train, strategy="single"))))
     checkpointer.close()

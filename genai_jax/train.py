@@ -27,6 +27,17 @@ class TrainState(struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
 
 
+def make_init_fn(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, seed: int):
+    """A function making the initial TrainState from `seed`: params from one half of the key, the
+    train PRNG key (dropout, sampling) from the other. Suits `jax.jit` and `jax.eval_shape`."""
+
+    def init() -> TrainState:
+        init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+        return TrainState.create(init_params(init_key), optimizer, train_key)
+
+    return init
+
+
 def _with_denominator(batch: dict, reduce: Callable, num_micro: int) -> dict:
     """Add `loss_denominator`: weighted items per shard, so shard means give the global mean.
 

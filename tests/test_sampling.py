@@ -1,0 +1,86 @@
+"""Generation with the KV cache vs plain greedy decoding; logit filters on hand examples."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import init, random_tokens, tiny_model
+
+from genai_jax.config import UserError
+from genai_jax.model import GPT
+from genai_jax.sampling import check_length, filter_logits, generate, sample_token
+
+# Probabilities in a shuffled order: sorted, they are 0.5, 0.3, 0.15, 0.05.
+PROBS = np.array([0.15, 0.5, 0.05, 0.3])
+LOGITS = jnp.log(jnp.asarray(PROBS, jnp.float32))[None]
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_model(positions="rope")
+    return cfg, init(cfg, seed=3)
+
+
+def greedy_by_full_forward(cfg, params, prompt: np.ndarray, steps: int) -> list[int]:
+    """Greedy decoding of one unpadded prompt, a full forward pass per token (no cache). Rows are
+    right-padded to the context length (causal attention: padding after a position changes nothing
+    before it), so the forward pass compiles once."""
+    forward = jax.jit(GPT(cfg).apply)
+    tokens = list(prompt)
+    for _ in range(steps):
+        row = np.zeros((1, cfg.context_len), np.int32)
+        row[0, : len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(forward(params, row)[0, len(tokens) - 1])))
+    return tokens[len(prompt) :]
+
+
+def left_pad(prompts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one left-padded batch (pad id 0) and its mask."""
+    width = max(len(p) for p in prompts)
+    batch = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = True
+    return batch, mask
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)],
+                         ids=["temperature0", "top_k1"])
+def test_greedy_generation_matches_full_forward_loop(model, sampling):
+    cfg, params = model
+    prompts = [random_tokens(7, seed=1), random_tokens(3, seed=2)]
+    batch, mask = left_pad(prompts)
+    generated = generate(params, batch, mask, jax.random.PRNGKey(0), cfg=cfg, max_new_tokens=NEW_TOKENS, **sampling)
+    assert generated.shape == (2, NEW_TOKENS)
+    for row, prompt in enumerate(prompts):
+        assert list(np.asarray(generated[row])) == greedy_by_full_forward(cfg, params, prompt, NEW_TOKENS)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    def kept(top_k, top_p):
+        return set(np.flatnonzero(np.isfinite(filter_logits(LOGITS, top_k, top_p)[0])))
+
+    assert kept(0, 1.0) == {0, 1, 2, 3}
+    assert kept(0, 0.4) == {1}  # 0.5 alone reaches 0.4
+    assert kept(0, 0.7) == {1, 3}  # 0.5 + 0.3
+    assert kept(0, 0.85) == {0, 1, 3}  # 0.5 + 0.3 + 0.15
+    assert kept(2, 1.0) == {1, 3}
+    assert kept(3, 0.7) == {1, 3}
+    np.testing.assert_allclose(filter_logits(LOGITS, 0, 0.7)[0, [1, 3]], LOGITS[0, [1, 3]])
+
+
+def test_sampling_draws_only_kept_tokens_in_proportion():
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draw = jax.vmap(lambda key: sample_token(LOGITS, key, jnp.float32(1.0), 0, jnp.float32(0.7))[0])
+    counts = np.bincount(np.asarray(draw(keys)), minlength=4)
+    assert counts[0] == counts[2] == 0
+    assert counts[1] / counts.sum() == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def test_prompt_plus_new_tokens_beyond_context_is_a_user_error():
+    cfg = tiny_model()
+    check_length(cfg, 10, cfg.context_len - 10)
+    with pytest.raises(UserError, match="context_len"):
+        check_length(cfg, 10, cfg.context_len - 9)
