@@ -47,14 +47,22 @@ class Single:
     def place_batch(self, batch):
         return jax.device_put(batch, self.device)
 
-    def compile(self, fn: Callable, abstract_state=None, donate: bool = True):
-        return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    def compile(self, step_fn: Callable, abstract_state=None):
+        """`step_fn(state, batch, rng) -> (state, metrics)`, the state donated."""
+        return jax.jit(step_fn, donate_argnums=(0,))
+
+    def compile_eval(self, eval_fn: Callable, abstract_state=None):
+        """`eval_fn(state, batch, rng) -> metrics`."""
+        return jax.jit(eval_fn)
 
     def compile_init(self, init_fn: Callable, abstract_state):
         return jax.jit(init_fn)
 
     def state_to_host(self, state):
         return state
+
+    def metrics_to_host(self, metrics):
+        return to_host(metrics)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
@@ -106,26 +114,37 @@ class Mesh:
     def place_batch(self, batch):
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
 
-    def compile(self, fn: Callable, abstract_state, donate: bool = True):
-        state_sharding = self.state_sharding(abstract_state)
-        jitted = jax.jit(
-            fn,
-            in_shardings=(state_sharding, self.batch_sharding, self.replicated),
-            out_shardings=(state_sharding, self.replicated) if donate else self.replicated,
-            donate_argnums=(0,) if donate else (),
-        )
-
+    def _under_mesh(self, jitted: Callable) -> Callable:
         def run(*args):
             with jax.set_mesh(self.mesh):
                 return jitted(*args)
 
         return run
 
+    def compile(self, step_fn: Callable, abstract_state):
+        state_sharding = self.state_sharding(abstract_state)
+        return self._under_mesh(jax.jit(
+            step_fn,
+            in_shardings=(state_sharding, self.batch_sharding, self.replicated),
+            out_shardings=(state_sharding, self.replicated),
+            donate_argnums=(0,),
+        ))
+
+    def compile_eval(self, eval_fn: Callable, abstract_state):
+        return self._under_mesh(jax.jit(
+            eval_fn,
+            in_shardings=(self.state_sharding(abstract_state), self.batch_sharding, self.replicated),
+            out_shardings=self.replicated,
+        ))
+
     def compile_init(self, init_fn: Callable, abstract_state):
         return jax.jit(init_fn, out_shardings=self.state_sharding(abstract_state))
 
     def state_to_host(self, state):
         return state
+
+    def metrics_to_host(self, metrics):
+        return to_host(metrics)
 
 
 class Pmap:
@@ -149,23 +168,30 @@ class Pmap:
     def place_batch(self, batch):
         return jax.tree.map(lambda x: x.reshape(self.num_shards, -1, *x.shape[1:]), batch)
 
-    def compile(self, fn: Callable, abstract_state=None, donate: bool = True):
+    def _pmap(self, fn: Callable, donate: bool) -> Callable:
+        """pmap over the local devices; each device folds its index into the shared rng."""
+
         def per_device(state, batch, rng):
             return fn(state, batch, jax.random.fold_in(rng, jax.lax.axis_index(PMAP_AXIS)))
 
-        return jax.pmap(
-            per_device,
-            axis_name=PMAP_AXIS,
-            in_axes=(0, 0, None),
-            donate_argnums=(0,) if donate else (),
-            devices=self.devices,
-        )
+        return jax.pmap(per_device, axis_name=PMAP_AXIS, in_axes=(0, 0, None),
+                        donate_argnums=(0,) if donate else (), devices=self.devices)
+
+    def compile(self, step_fn: Callable, abstract_state=None):
+        return self._pmap(step_fn, donate=True)
+
+    def compile_eval(self, eval_fn: Callable, abstract_state=None):
+        return self._pmap(eval_fn, donate=False)
 
     def compile_init(self, init_fn: Callable, abstract_state):
         return lambda: self.place_state(jax.jit(init_fn)())
 
     def state_to_host(self, state):
         return jax.tree.map(lambda x: x[0], state)
+
+    def metrics_to_host(self, metrics):
+        """Metrics are already reduced, hence equal on every device: device 0's copy."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), metrics)
 
 
 def make_strategy(cfg: TrainConfig):

@@ -20,7 +20,7 @@ from genai_jax.data import loader, sources
 from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.optim import make_optimizer, schedule
-from genai_jax.parallel import Mesh, make_strategy
+from genai_jax.parallel import Mesh, make_strategy, to_host
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
@@ -100,15 +100,14 @@ def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
         train_iter.set_state(data_state)
     else:
         state = strategy.compile_init(init_fn, abstract_state)()
-    start_step = int(np.asarray(jax.device_get(strategy.state_to_host(state).step)))
+    start_step = int(to_host(strategy.state_to_host(state).step))
 
     objective = make_lm_objective(model.apply, deterministic=False)
     step_fn = strategy.compile(
         make_train_step(objective, optimizer, strategy.reduce, cfg.optim.grad_accum), abstract_state
     )
-    eval_fn = strategy.compile(
-        make_eval_step(make_lm_objective(model.apply, deterministic=True), strategy.reduce), abstract_state,
-        donate=False,
+    eval_fn = strategy.compile_eval(
+        make_eval_step(make_lm_objective(model.apply, deterministic=True), strategy.reduce), abstract_state
     )
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:

@@ -86,7 +86,8 @@ class SentencePieceTokenizer:
                     vocab_size=vocab_size,
                     model_type=model_type,
                     character_coverage=1.0,
-                    byte_fallback=vocab_size > 260,
+                    # byte pieces need 256 slots beyond the 3 specials and every corpus character
+                    byte_fallback=vocab_size >= 259 + len(set(text)),
                     pad_id=0,
                     unk_id=1,
                     bos_id=-1,

@@ -90,7 +90,7 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
         new_state = state.replace(
             step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
         )
-        return new_state, metrics | {"grad_norm": optax.global_norm(grads)}
+        return new_state, metrics | {"grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
@@ -109,7 +109,7 @@ def evaluate(eval_fn: Callable, state, batches: list[dict], strategy, rng: jax.A
     """Mean of the eval metrics over fixed batches (equal-weight batches: a plain mean)."""
     totals: dict[str, float] = {}
     for batch in batches:
-        metrics = to_host(eval_fn(state, strategy.place_batch(batch), rng))
+        metrics = strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch), rng))
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value)
     return {f"val_{name}": value / len(batches) for name, value in totals.items()}
@@ -153,7 +153,7 @@ def fit(
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics = {k: float(v) for k, v in to_host(metrics).items()}
+                metrics = {k: float(v) for k, v in strategy.metrics_to_host(metrics).items()}
                 now = time.perf_counter()
                 tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
                 tick, tick_step = now, step

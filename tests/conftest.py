@@ -8,7 +8,6 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -132,10 +131,7 @@ def trained_run(tmp_path_factory) -> Path:
     copy it before launching anything that might write into it."""
     from genai_jax import stages
 
+    assert jax.device_count() == NUM_DEVICES  # the mesh strategy spans all 8 forced devices
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     stages.pretrain(tiny_run(), run_dir)
     return run_dir
-
-
-def saved_config(run_dir: Path) -> dict:
-    return json.loads((run_dir / rundir.CONFIG_FILE).read_text())

@@ -38,7 +38,8 @@ def parse_corpus(text: str) -> list[tuple[world.Problem, str]]:
     return found
 
 
-@pytest.mark.parametrize("problem", [ADD, REVERSE, world.Problem("sort", ("pear",)), world.Problem("upper", ("ok",))])
+@pytest.mark.parametrize("problem", [ADD, REVERSE, world.Problem("sort", ("pear",)), world.Problem("upper", ("ok",))],
+                         ids=lambda problem: problem.task)
 def test_gold_score_is_one_for_the_answer_and_less_otherwise(problem):
     assert world.gold_score(problem.instruction, problem.answer) == 1.0
     assert world.gold_score(problem.instruction, f"  {problem.answer}\n") == 1.0

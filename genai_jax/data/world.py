@@ -42,13 +42,15 @@ class Problem:
 
     @property
     def instruction(self) -> str:
-        a = self.args
-        return {
-            "add": f"what is {a[0]} plus {a[1]}?",
-            "reverse": f"reverse the word {a[0]}",
-            "sort": f"sort the letters of {a[0]}",
-            "upper": f"write {a[0]} in capitals",
-        }[self.task]
+        return _INSTRUCTIONS[self.task].format(*self.args)
+
+
+_INSTRUCTIONS = {
+    "add": "what is {0} plus {1}?",
+    "reverse": "reverse the word {0}",
+    "sort": "sort the letters of {0}",
+    "upper": "write {0} in capitals",
+}
 
 
 def solve(task: str, args: tuple) -> str:
