@@ -96,3 +96,15 @@ def test_sentencepiece_tokenizer_is_trained_saved_and_reloaded_on_resume(tmp_pat
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
     text = "the sum of 12 and 30 is 42.\nabc reversed is cba."
     assert load_tokenizer(run_dir).decode(load_tokenizer(run_dir).encode(text)) == text
+
+
+def test_steady_state_never_recompiles(tmp_path, caplog):
+    """Six train steps and three evaluations compile the train and eval steps once each."""
+    import jax
+
+    cfg = tiny_run(train={"max_steps": 6, "eval_every": 2, "sample_tokens": 0})
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        stages.pretrain(cfg, tmp_path / "run")
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Finished XLA compilation")]
+    assert sum("jit(train_step)" in m for m in compiled) == 1
+    assert sum("jit(eval_step)" in m for m in compiled) == 1
