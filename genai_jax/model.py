@@ -64,12 +64,13 @@ def rotate(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict[str, jax.Array]:
-    """An empty KV cache for `max_len` positions: keys/values per layer, which slots hold real
-    tokens (left padding stays invalid), and the next slot to write."""
-    shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.head_dim)
+    """An empty KV cache for `max_len` positions: keys and values (one array per layer, so each
+    updates in place), which slots hold real tokens (left padding stays invalid), and the next
+    slot to write."""
+    shape = (batch_size, max_len, cfg.n_head, cfg.head_dim)
     return {
-        "k": jnp.zeros(shape, compute_dtype(cfg)),
-        "v": jnp.zeros(shape, compute_dtype(cfg)),
+        "k": tuple(jnp.zeros(shape, compute_dtype(cfg)) for _ in range(cfg.n_layer)),
+        "v": tuple(jnp.zeros(shape, compute_dtype(cfg)) for _ in range(cfg.n_layer)),
         "valid": jnp.zeros((batch_size, max_len), bool),
         "index": jnp.zeros((), jnp.int32),
     }
@@ -249,8 +250,8 @@ class GPT(nn.Module):
         if cache is None:
             return out
         new_cache = {
-            "k": jnp.stack(new_cache["k"]),
-            "v": jnp.stack(new_cache["v"]),
+            "k": tuple(new_cache["k"]),
+            "v": tuple(new_cache["v"]),
             "valid": cache["valid"],
             "index": cache["index"] + length,
         }

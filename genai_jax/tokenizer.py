@@ -1,7 +1,9 @@
 """Tokenizers: characters, or a sentencepiece model trained on the corpus. Both save into and load
 from a run directory (`tokenizer.json`, plus `tokenizer.model` for sentencepiece).
 
-Id 0 is always the pad token: a separate token that no text spells.
+Both reserve the same special tokens, which no text can spell: id 0 is padding, and the chat
+template's role and end-of-turn markers (used from SFT on) are in the vocabulary from pretraining
+on, so every stage of a pipeline shares one tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 from genai_jax.config import DataConfig, UserError
 
 PAD = "<pad>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = (PAD, SYSTEM, USER, ASSISTANT, END)
 TOKENIZER_FILE = "tokenizer.json"
 SP_MODEL_FILE = "tokenizer.model"
 
@@ -23,7 +27,7 @@ SP_MODEL_FILE = "tokenizer.model"
 class CharTokenizer:
     """One id per character of the corpus (sorted), after the special tokens."""
 
-    specials = (PAD,)
+    specials = SPECIAL_TOKENS
 
     def __init__(self, chars: str):
         self.chars = chars
@@ -40,6 +44,9 @@ class CharTokenizer:
     @property
     def pad_id(self) -> int:
         return 0
+
+    def special_id(self, token: str) -> int:
+        return self.specials.index(token)
 
     def encode(self, text: str) -> np.ndarray:
         try:
@@ -86,12 +93,13 @@ class SentencePieceTokenizer:
                     vocab_size=vocab_size,
                     model_type=model_type,
                     character_coverage=1.0,
-                    # byte pieces need 256 slots beyond the 3 specials and every corpus character
-                    byte_fallback=vocab_size >= 259 + len(set(text)),
+                    # byte pieces need 256 slots beyond the specials, unk, "\n" and every corpus character
+                    byte_fallback=vocab_size >= 256 + len(SPECIAL_TOKENS) + 2 + len(set(text)),
                     pad_id=0,
                     unk_id=1,
                     bos_id=-1,
                     eos_id=-1,
+                    control_symbols=list(SPECIAL_TOKENS[1:]),  # never produced from text
                     user_defined_symbols=["\n"],
                     normalization_rule_name="identity",
                     remove_extra_whitespaces=False,
@@ -112,6 +120,9 @@ class SentencePieceTokenizer:
     @property
     def pad_id(self) -> int:
         return 0
+
+    def special_id(self, token: str) -> int:
+        return self.sp.piece_to_id(token)
 
     def encode(self, text: str) -> np.ndarray:
         pieces: list[int] = []
