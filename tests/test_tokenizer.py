@@ -76,3 +76,14 @@ def test_sentencepiece_save_and_load(sentencepiece, tmp_path):
 def test_load_from_a_directory_without_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_special_tokens_are_distinct_ids_that_no_text_spells(sentencepiece):
+    from genai_jax.tokenizer import SPECIAL_TOKENS
+
+    text = "".join(SPECIAL_TOKENS)
+    for tokenizer in (CharTokenizer.build(CORPUS + text), sentencepiece[0]):
+        special_ids = [tokenizer.special_id(token) for token in SPECIAL_TOKENS]
+        assert special_ids[0] == tokenizer.pad_id == 0
+        assert len(set(special_ids)) == len(SPECIAL_TOKENS)
+        assert not set(tokenizer.encode(text).tolist()) & set(special_ids)
