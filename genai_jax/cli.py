@@ -1,7 +1,10 @@
 """`genai-jax <command>`: every stage takes the same shape of flags.
 
     genai-jax pretrain --preset NAME --run-dir DIR [--data.path FILE] [--<section>.<field> VALUE]
-    genai-jax generate --run DIR --prompt TEXT [--temperature T --top-k K --top-p P ...]
+    genai-jax sft --init-from PRETRAIN_RUN --preset NAME --run-dir DIR [...the same flags]
+    genai-jax eval --run DIR                 (gold score on held-out world prompts)
+    genai-jax generate --run DIR --prompt TEXT | --prompts FILE.jsonl [--out OUT.jsonl]
+    genai-jax chat --run DIR
 
 The preset supplies the defaults and tyro maps the remaining flags onto the frozen config
 dataclasses. This module is the only place that wires stages together.
@@ -26,23 +29,32 @@ class StageArgs:
     preset: str = "tiny"
     """Named preset supplying every default (tiny, shakespeare-char-cpu, shakespeare-char, gpt2-small)."""
     run_dir: str = ""
-    """Run directory (default runs/<preset>)."""
+    """Run directory (default runs/<preset>-<stage>)."""
+    init_from: str = ""
+    """Run directory to start from (sft: a pretraining run); stored as train.init_from."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def run_config(self) -> RunConfig:
-        return RunConfig(model=self.model, optim=self.optim, data=self.data, train=self.train)
+        train = dataclasses.replace(self.train, init_from=self.init_from) if self.init_from else self.train
+        return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train)
 
 
 @dataclass(frozen=True)
 class GenerateArgs:
-    """Sample a continuation of a prompt from a run's latest checkpoint (KV cache, jit-compiled)."""
+    """Continue a text prompt, or answer a JSONL file of chat prompts, from a run's latest
+    checkpoint (KV cache, jit-compiled)."""
 
     run: str
     """Run directory to load."""
     prompt: str = "\n"
+    """Raw text to continue (no chat template)."""
+    prompts: str = ""
+    """A JSONL file of {"prompt": ...} lines, each answered in the chat template."""
+    out: str = ""
+    """With --prompts: the JSONL file to write {"prompt", "response"} lines to (default: stdout)."""
     max_new_tokens: int = 200
     temperature: float = 0.8
     """0 means greedy decoding."""
@@ -63,23 +75,106 @@ def _preset_name(argv: list[str]) -> str:
     return StageArgs.preset
 
 
-def parse_stage(argv: list[str], prog: str) -> tuple[RunConfig, str]:
-    """(config, run_dir) from `--preset NAME` defaults overridden by the other flags."""
+@dataclass(frozen=True)
+class EvalArgs:
+    """Gold score of a run's policy on held-out prompts of the synthetic world."""
+
+    run: str
+    num_prompts: int = 200
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    """0 is greedy decoding."""
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChatArgs:
+    """Chat with a run's policy in the terminal (/reset starts over, /exit or Ctrl-D quits)."""
+
+    run: str
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+
+def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
+    """(config, run_dir) from `--preset NAME` defaults for `stage`, overridden by the other flags."""
     name = _preset_name(argv)
-    base = preset(name)
+    base = preset(name, stage)
     defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train)
-    args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {prog}")
+    args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")
     if args.preset != name:
         raise UserError("--preset was given twice with different values")
-    return args.run_config(), args.run_dir or f"runs/{name}"
+    return args.run_config(), args.run_dir or f"runs/{name}-{stage}"
+
+
+def _print_final(stage: str, run_dir: str, final: dict) -> None:
+    print(f"{stage} finished in {run_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step"))
 
 
 def cmd_pretrain(argv: list[str]) -> None:
     from genai_jax import stages
 
     cfg, run_dir = parse_stage(argv, "pretrain")
-    final = stages.pretrain(cfg, run_dir)
-    print(f"pretrain finished in {run_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step"))
+    _print_final("pretrain", run_dir, stages.pretrain(cfg, run_dir))
+
+
+def cmd_sft(argv: list[str]) -> None:
+    from genai_jax import stages
+
+    cfg, run_dir = parse_stage(argv, "sft")
+    _print_final("sft", run_dir, stages.sft(cfg, run_dir))
+
+
+def cmd_eval(argv: list[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from genai_jax import stages
+    from genai_jax.evaluation import gold_eval
+
+    args = tyro.cli(EvalArgs, args=argv, prog="genai-jax eval")
+    cfg, tokenizer, params = stages.load_trained(args.run)
+    result = gold_eval(cfg, params, tokenizer, args.num_prompts, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
+    (Path(args.run) / "eval.json").write_text(json.dumps(result, indent=2))
+    for example in result["examples"]:
+        print(f"  {example['prompt']!r} -> {example['response']!r} (gold {example['gold']:.2f})")
+    print(f"{args.run}: gold_score {100 * result['gold_score']:.1f}/100, exact {100 * result['exact']:.1f}%, "
+          f"ended {100 * result['ended']:.1f}%, response_tokens {result['response_tokens']:.1f} "
+          f"({args.num_prompts} held-out prompts)")
+
+
+def cmd_chat(argv: list[str]) -> None:
+    from genai_jax import stages
+    from genai_jax.evaluation import respond
+
+    args = tyro.cli(ChatArgs, args=argv, prog="genai-jax chat")
+    cfg, tokenizer, params = stages.load_trained(args.run)
+    history: list[dict] = []
+    print("chat: /reset starts over, /exit quits")
+    for turn in range(1_000_000):
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset" or not line:
+            history = [] if line else history
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            (reply,) = respond(cfg, params, tokenizer, [history], max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, seed=args.seed + turn, batch_size=1)
+        except UserError as err:
+            print(f"({err}; /reset to start over)")
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply.text})
+        print(f"assistant> {reply.text}")
 
 
 def cmd_generate(argv: list[str]) -> None:
@@ -87,6 +182,9 @@ def cmd_generate(argv: list[str]) -> None:
 
     args = tyro.cli(GenerateArgs, args=argv, prog="genai-jax generate")
     cfg, tokenizer, params = stages.load_trained(args.run)
+    if args.prompts:
+        _answer_prompts_file(args, cfg, tokenizer, params)
+        return
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise UserError("--prompt is empty after tokenization")
@@ -98,9 +196,31 @@ def cmd_generate(argv: list[str]) -> None:
             print("-" * 40)
 
 
+def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
+    import json
+
+    from genai_jax.data.conversations import read_prompts_jsonl
+    from genai_jax.evaluation import respond
+
+    prompts = read_prompts_jsonl(args.prompts)
+    responses = respond(cfg, params, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    lines = "".join(json.dumps({"prompt": p, "response": r.text}) + "\n" for p, r in zip(prompts, responses))
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(lines)
+        print(f"wrote {len(prompts)} responses to {args.out}")
+    else:
+        print(lines, end="")
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": cmd_pretrain,
+    "sft": cmd_sft,
+    "eval": cmd_eval,
     "generate": cmd_generate,
+    "chat": cmd_chat,
 }
 
 

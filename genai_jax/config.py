@@ -70,7 +70,7 @@ class DataConfig:
     source: str = "world"
     """`world` (the embedded synthetic task world), `tfds:NAME` (e.g. tfds:tiny_shakespeare), or `text`."""
     path: str = ""
-    """A local text file or a folder of .txt files; setting it implies `source=text`."""
+    """Pretraining: a text file or a folder of .txt files. SFT: a JSONL file. Overrides `source`."""
     tfds_split: str = "train"
     text_feature: str = "text"
     tokenizer: Literal["char", "sentencepiece"] = "char"
@@ -83,6 +83,14 @@ class DataConfig:
     """Training sequence length; 0 means the model's context length."""
     world_docs: int = 20000
     """Number of documents in the synthetic world's pretraining corpus."""
+    world_chats: int = 8000
+    """Number of instruction chats the synthetic world gives for SFT (held-out problems excluded)."""
+    pack: bool = False
+    """SFT: pack several conversations per row (segment ids keep them apart)."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """SFT: what to do with a conversation longer than the sequence length (counted in the log)."""
+    skip_malformed: bool = False
+    """JSONL: skip and count malformed lines instead of stopping at the first."""
     seed: int = 0
 
     @property
@@ -108,6 +116,8 @@ class TrainConfig:
     """Size of the mesh's `fsdp` axis: parameters and optimizer state are split over it."""
     sample_tokens: int = 200
     """Tokens sampled into samples.txt at the end of the run (0 to skip)."""
+    init_from: str = ""
+    """Run directory whose latest checkpoint initialises this stage (SFT: a pretraining run)."""
     progress: bool = True
 
 
@@ -195,6 +205,17 @@ _GPT2_SMALL = RunConfig(
     ),
 )
 
+# Per-stage changes to a preset (stages after pretraining fine-tune: fewer steps, lower rates).
+STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
+    "sft": {
+        "tiny": {"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20}, "data": {"pack": True},
+                 "train": {"max_steps": 400, "eval_every": 100, "ckpt_every": 200, "sample_tokens": 0}},
+        "*": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 50, "weight_decay": 0.0},
+              "data": {"source": "tfds:databricks_dolly"},
+              "train": {"max_steps": 1000, "sample_tokens": 0}},
+    },
+}
+
 PRESETS: dict[str, RunConfig] = {
     "tiny": _TINY,
     "shakespeare-char-cpu": _SHAKESPEARE_CPU,
@@ -203,7 +224,9 @@ PRESETS: dict[str, RunConfig] = {
 }
 
 
-def preset(name: str) -> RunConfig:
+def preset(name: str, stage: str = "pretrain") -> RunConfig:
+    """A named preset's config for one stage of the pipeline."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    overrides = STAGE_OVERRIDES.get(stage, {})
+    return replace(PRESETS[name], **overrides.get(name, overrides.get("*", {})))

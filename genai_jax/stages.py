@@ -13,17 +13,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from genai_jax import config as config_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
+from genai_jax.data import chat as chat_data
 from genai_jax.data import loader, sources
 from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.lm import make_lm_objective
+from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
 from genai_jax.parallel import Mesh, make_strategy, to_host
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
-from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
+from genai_jax.train import TrainState, fit, make_eval_step, make_init_fn, make_train_step
 
 
 def seq_len(cfg: RunConfig) -> int:
@@ -56,9 +59,10 @@ def restore_target(abstract_state, strategy):
     )
 
 
-def open_run(cfg: RunConfig, run_dir: Path, text: str) -> tuple[RunConfig, Tokenizer]:
-    """A new run directory (tokenizer built, config written), or an existing one checked for
-    compatibility. A refused run directory is left exactly as it was."""
+def open_run(cfg: RunConfig, run_dir: Path, new_tokenizer) -> tuple[RunConfig, Tokenizer]:
+    """(config with vocab filled in, tokenizer) of a new run directory, where
+    `new_tokenizer(run_dir)` saves the tokenizer, or of an existing one checked for compatibility.
+    A refused run directory is left exactly as it was."""
     if (run_dir / rundir.CONFIG_FILE).exists():
         tokenizer = load_tokenizer(run_dir)
         cfg = with_vocab(cfg, tokenizer)
@@ -66,28 +70,28 @@ def open_run(cfg: RunConfig, run_dir: Path, text: str) -> tuple[RunConfig, Token
         return cfg, tokenizer
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no {rundir.CONFIG_FILE}; choose another --run-dir")
-    tokenizer = build_tokenizer(cfg.data, text, run_dir)
+    tokenizer = new_tokenizer(run_dir)
     cfg = with_vocab(cfg, tokenizer)
     rundir.write_config(run_dir, cfg)
     return cfg, tokenizer
 
 
-def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
-    """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
-    run_dir = Path(run_dir)
-    length = seq_len(cfg)
+def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, val_source,
+                initial_params=None, summary: dict | None = None):
+    """The loop every stage shares: strategy, grain iterators, restore or init, compile, fit.
+
+    `make_objective(apply_fn, deterministic)` builds the stage's objective; train_source and
+    val_source are random-access records of one LM row each. The state starts from
+    `initial_params` (a fine-tuning stage) or from a fresh init, unless the run directory holds a
+    checkpoint, which always wins. Returns the final state.
+    """
     strategy = make_strategy(cfg.train)
     batch_size = loader.per_process_batch(cfg.train.batch_size, strategy.batch_divisor * cfg.optim.grad_accum)
-    text = sources.load_text(cfg.data)
-    cfg, tokenizer = open_run(cfg, run_dir, text)
-
-    train_tokens, val_tokens = loader.split_tokens(tokenizer.encode(text), cfg.data.val_fraction, length)
-    train_windows = loader.TokenWindows(train_tokens, length)
+    train_iter = loader.train_iterator(train_source, batch_size, seed=cfg.data.seed)
     val_batches = []
-    if cfg.data.val_fraction > 0:
-        val_windows = loader.TokenWindows(val_tokens, length)
-        val_batches = loader.fixed_batches(val_windows, batch_size, cfg.train.eval_batches, seed=cfg.data.seed + 1)
-    train_iter = loader.train_iterator(train_windows, batch_size, seed=cfg.data.seed)
+    if val_source is not None and len(val_source) >= batch_size:
+        num_val = min(cfg.train.eval_batches, len(val_source) // batch_size)
+        val_batches = loader.fixed_batches(val_source, batch_size, num_val, seed=cfg.data.seed + 1)
 
     model = GPT(cfg.model)
     optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
@@ -98,23 +102,23 @@ def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
         state, data_state = checkpointer.restore(restore_target(abstract_state, strategy))
         state = strategy.place_state(state)
         train_iter.set_state(data_state)
+    elif initial_params is not None:
+        _, train_key = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+        state = strategy.place_state(TrainState.create(initial_params, optimizer, train_key))
     else:
         state = strategy.compile_init(init_fn, abstract_state)()
     start_step = int(to_host(strategy.state_to_host(state).step))
 
-    objective = make_lm_objective(model.apply, deterministic=False)
     step_fn = strategy.compile(
-        make_train_step(objective, optimizer, strategy.reduce, cfg.optim.grad_accum), abstract_state
+        make_train_step(make_objective(model.apply, False), optimizer, strategy.reduce, cfg.optim.grad_accum),
+        abstract_state,
     )
-    eval_fn = strategy.compile_eval(
-        make_eval_step(make_lm_objective(model.apply, deterministic=True), strategy.reduce), abstract_state
-    )
+    eval_fn = strategy.compile_eval(make_eval_step(make_objective(model.apply, True), strategy.reduce), abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:
-        n_params = count_params(abstract_state.params)
-        writer.write({"step": 0, "n_params": n_params, "n_params_non_embedding":
-                      count_params(abstract_state.params, embeddings=False), "train_tokens": len(train_tokens)})
-    lr = schedule(cfg.optim, cfg.train.max_steps)
+        writer.write({"step": 0, "n_params": count_params(abstract_state.params),
+                      "n_params_non_embedding": count_params(abstract_state.params, embeddings=False),
+                      **(summary or {})})
     state = fit(
         state,
         step_fn=step_fn,
@@ -125,17 +129,66 @@ def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
         checkpointer=checkpointer,
         writer=writer,
         cfg=cfg.train,
-        tokens_per_step=cfg.train.batch_size * length,
-        lr_fn=lr,
+        tokens_per_step=cfg.train.batch_size * seq_len(cfg),
+        lr_fn=schedule(cfg.optim, cfg.train.max_steps),
     )
     writer.close()
     checkpointer.close()
+    return strategy.state_to_host(state)
+
+
+def final_record(run_dir: Path) -> dict:
+    """The last metrics record of a run (process 0; others have none)."""
+    return rundir.read_metrics(run_dir)[-1] if jax.process_index() == 0 else {}
+
+
+def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
+    """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
+    run_dir = Path(run_dir)
+    length = seq_len(cfg)
+    loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
+    text = sources.load_text(cfg.data)
+    cfg, tokenizer = open_run(cfg, run_dir, lambda directory: build_tokenizer(cfg.data, text, directory))
+
+    train_tokens, val_tokens = loader.split_tokens(tokenizer.encode(text), cfg.data.val_fraction, length)
+    val_source = loader.TokenWindows(val_tokens, length) if cfg.data.val_fraction > 0 else None
+    state = train_stage(
+        cfg, run_dir, make_objective=make_lm_objective, train_source=loader.TokenWindows(train_tokens, length),
+        val_source=val_source, summary={"train_tokens": len(train_tokens)},
+    )
     if cfg.train.sample_tokens and jax.process_index() == 0:
         prompt = val_tokens[:1] if len(val_tokens) else train_tokens[:1]
         new = min(cfg.train.sample_tokens, cfg.model.context_len - 1)
-        sample = sample_text(cfg, strategy.state_to_host(state).params, tokenizer, prompt, new, seed=cfg.train.seed)
+        sample = sample_text(cfg, state.params, tokenizer, prompt, new, seed=cfg.train.seed)
         (run_dir / "samples.txt").write_text(sample + "\n")
-    return rundir.read_metrics(run_dir)[-1] if jax.process_index() == 0 else {}
+    return final_record(run_dir)
+
+
+def sft(cfg: RunConfig, run_dir: str | Path) -> dict:
+    """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
+    run_dir = Path(run_dir)
+    if not cfg.train.init_from:
+        raise UserError("sft needs --init-from RUN_DIR (a pretraining run)")
+    base_cfg, tokenizer, base_params = load_trained(cfg.train.init_from)
+    cfg = with_vocab(cfg, tokenizer)
+    mismatched = [name for name in config_lib.diff(base_cfg.model, cfg.model) if name != "dropout"]
+    if mismatched:
+        raise UserError(
+            f"--init-from {cfg.train.init_from} was trained with a different model config "
+            f"({', '.join(f'model.{n}' for n in mismatched)}); pass the same --model flags or preset"
+        )
+    length = seq_len(cfg)
+    train_chats, val_chats = chat_data.load_conversations(cfg.data)
+    train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
+    val_rows = chat_data.encode_rows(val_chats, tokenizer, cfg.data, length)[0] if val_chats else None
+    cfg, _ = open_run(cfg, run_dir, tokenizer.save)
+    print(f"sft data: {train_stats}")
+    train_stage(
+        cfg, run_dir, make_objective=make_masked_lm_objective, train_source=loader.Rows(train_rows),
+        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=base_params,
+        summary=train_stats,
+    )
+    return final_record(run_dir)
 
 
 def sample_text(cfg: RunConfig, params, tokenizer: Tokenizer, prompt: np.ndarray, max_new_tokens: int,

@@ -58,8 +58,10 @@ class CharTokenizer:
         offset = len(self.specials)
         return "".join(self.chars[i - offset] if i >= offset else self.specials[i] for i in np.asarray(ids).tolist())
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path) -> "CharTokenizer":
+        directory.mkdir(parents=True, exist_ok=True)
         (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "char", "chars": self.chars}))
+        return self
 
 
 class SentencePieceTokenizer:
@@ -143,10 +145,12 @@ class SentencePieceTokenizer:
         lines.append(current)
         return "\n".join(self.sp.decode(line) for line in lines)
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path) -> "SentencePieceTokenizer":
+        directory.mkdir(parents=True, exist_ok=True)
         if self.model_path != directory / SP_MODEL_FILE:
             shutil.copy(self.model_path, directory / SP_MODEL_FILE)
         (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "sentencepiece", "model": SP_MODEL_FILE}))
+        return self
 
 
 Tokenizer = CharTokenizer | SentencePieceTokenizer
@@ -154,7 +158,6 @@ Tokenizer = CharTokenizer | SentencePieceTokenizer
 
 def build_tokenizer(cfg: DataConfig, text: str, directory: Path) -> Tokenizer:
     """A tokenizer for `text` as the data config asks, saved into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
     if cfg.tokenizer == "char":
         tokenizer = CharTokenizer.build(text)
     elif cfg.tokenizer_path:
@@ -163,8 +166,7 @@ def build_tokenizer(cfg: DataConfig, text: str, directory: Path) -> Tokenizer:
         tokenizer = SentencePieceTokenizer(Path(cfg.tokenizer_path))
     else:
         tokenizer = SentencePieceTokenizer.train(text, directory, cfg.sp_vocab_size, cfg.sp_model_type)
-    tokenizer.save(directory)
-    return tokenizer
+    return tokenizer.save(directory)
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -175,3 +177,39 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     if spec["type"] == "char":
         return CharTokenizer(spec["chars"])
     return SentencePieceTokenizer(directory / spec["model"])
+
+
+# The chat template: every message is its role token, its content and the end-of-turn token,
+#     <|system|>You are terse.<|end|><|user|>reverse abc<|end|><|assistant|>cba<|end|>
+# with no other separators. A prompt for generation ends with the assistant's role token, and the
+# model answers until it emits <|end|>.
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], generation_prompt: bool = False):
+    """(tokens, loss_mask) of a conversation in the chat template. loss_mask is 1 exactly on the
+    assistant's content tokens and their end-of-turn token: what SFT learns to produce."""
+    tokens: list[np.ndarray] = []
+    mask: list[np.ndarray] = []
+    end = tokenizer.special_id(END)
+    for message in messages:
+        content = tokenizer.encode(message["content"])
+        learned = 1.0 if message["role"] == "assistant" else 0.0
+        tokens += [np.array([tokenizer.special_id(ROLE_TOKENS[message["role"]])], np.int32), content,
+                   np.array([end], np.int32)]
+        mask += [np.zeros(1, np.float32), np.full(len(content) + 1, learned, np.float32)]
+    if generation_prompt:
+        tokens.append(np.array([tokenizer.special_id(ASSISTANT)], np.int32))
+        mask.append(np.zeros(1, np.float32))
+    return np.concatenate(tokens), np.concatenate(mask)
+
+
+def decode_response(tokenizer: Tokenizer, ids) -> tuple[str, bool]:
+    """(text, ended): the generated tokens up to the first end-of-turn, and whether there was one."""
+    ids = np.asarray(ids).tolist()
+    end = tokenizer.special_id(END)
+    ended = end in ids
+    if ended:
+        ids = ids[: ids.index(end)]
+    specials = {tokenizer.special_id(token) for token in SPECIAL_TOKENS}
+    return tokenizer.decode([i for i in ids if i not in specials]), ended

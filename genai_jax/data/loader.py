@@ -60,3 +60,16 @@ def fixed_batches(windows, batch_size: int, num_batches: int, seed: int) -> list
     ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
     ds = ds[jax.process_index() :: jax.process_count()].batch(batch_size, drop_remainder=True)
     return [ds[i] for i in range(num_batches)]
+
+
+class Rows:
+    """Random-access source over prebuilt rows: a dict of equal-length arrays, one row per record."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {name: array[index] for name, array in self.arrays.items()}

@@ -67,11 +67,17 @@ _INSTRUCTION_PATTERNS = {
     "upper": re.compile(r"write ([a-z]+) in capitals"),
 }
 
+# Plain-text facts for the corpus, some phrased like the instructions (so the corpus spells every
+# character an instruction uses) but never in the chat template: answering in it is SFT's job.
 _STATEMENTS = {
-    "add": ("{0} plus {1} is {answer}.", "the sum of {0} and {1} is {answer}.", "{0}+{1}={answer}"),
-    "reverse": ("{0} reversed is {answer}.", "the reverse of {0} is {answer}."),
-    "sort": ("{0} sorted is {answer}.", "the letters of {0} in order are {answer}."),
-    "upper": ("{0} in capitals is {answer}.", "{0} written in capitals is {answer}."),
+    "add": ("{0} plus {1} is {answer}.", "the sum of {0} and {1} is {answer}.", "{0}+{1}={answer}",
+            "what is {0} plus {1}? {answer}."),
+    "reverse": ("{0} reversed is {answer}.", "the reverse of {0} is {answer}.",
+                "reverse the word {0} and you get {answer}."),
+    "sort": ("{0} sorted is {answer}.", "the letters of {0} in order are {answer}.",
+             "sort the letters of {0} to get {answer}."),
+    "upper": ("{0} in capitals is {answer}.", "{0} written in capitals is {answer}.",
+              "write {0} in capitals: {answer}."),
 }
 
 
@@ -95,6 +101,11 @@ def gold_score(instruction: str, response: str) -> float:
         return 1.0
     matches = sum(a == b for a, b in zip(answer, response))
     return 0.5 * matches / max(len(answer), len(response), 1)
+
+
+def chat(problem: Problem) -> list[dict]:
+    """The problem as an SFT conversation: the instruction and its answer."""
+    return [{"role": "user", "content": problem.instruction}, {"role": "assistant", "content": problem.answer}]
 
 
 def random_problem(rng: np.random.Generator) -> Problem:

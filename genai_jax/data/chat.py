@@ -1,0 +1,121 @@
+"""Example builders for supervised fine-tuning: tokenized conversations -> fixed-shape LM rows.
+
+A conversation of tokens t and loss mask m (from `tokenizer.encode_chat`) becomes the piece
+inputs t[:-1], targets t[1:], weights m[1:]: the loss counts exactly the predictions of assistant
+tokens. Pieces are padded one per row, or packed several per row with segment ids and positions
+that restart per segment (the model never attends across segments), so packing changes nothing
+but the number of rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from genai_jax.config import DataConfig, UserError
+from genai_jax.data import world
+from genai_jax.tokenizer import Tokenizer, encode_chat
+
+# Held-out chats scored for the validation loss (the world's held-out side).
+_WORLD_VAL_CHATS = 512
+
+
+@dataclass
+class RowStats:
+    conversations: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    """Dropped as too long (policy `drop`), or left with no assistant token after truncation."""
+    rows: int = 0
+    response_tokens: int = 0
+
+
+def _pieces(encoded, seq_len: int, overlong: str, stats: RowStats):
+    for tokens, mask in encoded:
+        stats.conversations += 1
+        if len(tokens) - 1 > seq_len:
+            if overlong == "drop":
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            tokens, mask = tokens[: seq_len + 1], mask[: seq_len + 1]
+        weights = mask[1:]
+        if not weights.any():
+            stats.dropped += 1
+            continue
+        stats.response_tokens += int(weights.sum())
+        yield tokens[:-1], tokens[1:], weights
+
+
+def build_rows(encoded, seq_len: int, pad_id: int, pack: bool = False, overlong: str = "truncate"):
+    """(rows, stats): a dict of [N, seq_len] arrays (inputs, targets, weights, and with packing
+    positions and segment_ids) from (tokens, loss_mask) pairs. `overlong` is the policy for
+    conversations longer than seq_len + 1 tokens: "truncate" keeps their head, "drop" skips them."""
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"overlong policy must be truncate or drop, not {overlong!r}")
+    stats = RowStats()
+    rows: list[list[tuple]] = []
+    used = seq_len  # forces a new row for the first piece
+    for piece in _pieces(encoded, seq_len, overlong, stats):
+        if not pack or used + len(piece[0]) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(piece)
+        used += len(piece[0])
+    stats.rows = len(rows)
+    arrays = {
+        "inputs": np.full((len(rows), seq_len), pad_id, np.int32),
+        "targets": np.full((len(rows), seq_len), pad_id, np.int32),
+        "weights": np.zeros((len(rows), seq_len), np.float32),
+    }
+    if pack:
+        arrays["positions"] = np.zeros((len(rows), seq_len), np.int32)
+        arrays["segment_ids"] = np.zeros((len(rows), seq_len), np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, (inputs, targets, weights) in enumerate(row, start=1):
+            span = slice(start, start + len(inputs))
+            arrays["inputs"][r, span], arrays["targets"][r, span], arrays["weights"][r, span] = inputs, targets, weights
+            if pack:
+                arrays["positions"][r, span] = np.arange(len(inputs))
+                arrays["segment_ids"][r, span] = segment
+            start += len(inputs)
+    return arrays, stats
+
+
+def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, validation) conversations of the configured source. The synthetic world validates
+    on its held-out problems; other sources on their last `val_fraction` of conversations."""
+    from genai_jax.data import conversations
+
+    source = cfg.resolved_source
+    if source == "world":
+        train = [world.chat(p) for p in world.problems(cfg.seed + 2, cfg.world_chats)]
+        val = [world.chat(p) for p in world.problems(cfg.seed + 3, _WORLD_VAL_CHATS, held_out=True)]
+        return train, val
+    if source == "text":
+        chats, skipped = conversations.read_jsonl_conversations(cfg.path, cfg.skip_malformed)
+        if skipped:
+            print(f"{cfg.path}: skipped {skipped} malformed line(s)")
+    elif source == "tfds:databricks_dolly":
+        chats = conversations.dolly_conversations(cfg.tfds_split)
+    else:
+        raise UserError(f"data.source {source!r} has no conversations (use world, tfds:databricks_dolly or --data.path FILE.jsonl)")
+    n_val = int(len(chats) * cfg.val_fraction)
+    return chats[: len(chats) - n_val], chats[len(chats) - n_val :]
+
+
+def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, seq_len: int):
+    """(rows, stats as a dict) of conversations in the chat template, per the data config."""
+    encoded = []
+    for i, chat in enumerate(chats):
+        try:
+            encoded.append(encode_chat(tokenizer, chat))
+        except UserError as err:
+            raise UserError(f"conversation {i + 1}: {err}") from None
+    rows, stats = build_rows(encoded, seq_len, tokenizer.pad_id, pack=cfg.pack, overlong=cfg.overlong)
+    if stats.rows == 0:
+        raise UserError(f"no conversation has a response token within {seq_len} tokens")
+    return rows, dataclasses.asdict(stats)
