@@ -209,7 +209,7 @@ _GPT2_SMALL = RunConfig(
 STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
     "sft": {
         "tiny": {"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20}, "data": {"pack": True},
-                 "train": {"max_steps": 400, "eval_every": 100, "ckpt_every": 200, "sample_tokens": 0}},
+                 "train": {"max_steps": 800, "eval_every": 200, "ckpt_every": 400, "sample_tokens": 0}},
         "*": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 50, "weight_decay": 0.0},
               "data": {"source": "tfds:databricks_dolly"},
               "train": {"max_steps": 1000, "sample_tokens": 0}},

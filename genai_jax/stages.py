@@ -180,7 +180,9 @@ def sft(cfg: RunConfig, run_dir: str | Path) -> dict:
     length = seq_len(cfg)
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
     train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
-    val_rows = chat_data.encode_rows(val_chats, tokenizer, cfg.data, length)[0] if val_chats else None
+    val_rows = None
+    if val_chats:
+        val_rows = chat_data.encode_rows(val_chats, tokenizer, cfg.data, length, first=len(train_chats) + 1)[0]
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     print(f"sft data: {train_stats}")
     train_stage(

@@ -82,10 +82,10 @@ def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rundir.read_metrics(run_dir) if "loss" in r}
 
 
-def cli_flags(cfg: config.RunConfig, base: str = "tiny") -> list[str]:
-    """`--section.field VALUE` flags that turn preset `base` into `cfg` on the command line."""
+def cli_flags(cfg: config.RunConfig, base: str = "tiny", stage: str = "pretrain") -> list[str]:
+    """`--section.field VALUE` flags that turn preset `base` (for `stage`) into `cfg` on the command line."""
     flags = []
-    for name in config.diff(config.preset(base), cfg):
+    for name in config.diff(config.preset(base, stage), cfg):
         section, field = name.split(".")
         value = getattr(getattr(cfg, section), field)
         flag = f"{section}.{field.replace('_', '-')}"
@@ -117,6 +117,15 @@ def run_cli_subprocess(*argv, devices: int = NUM_DEVICES) -> subprocess.Complete
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("genai-jax: error:")]
+
+
+def assert_one_error(code: int, stderr: str, *needles: str) -> None:
+    """Exit code 2 and exactly one `genai-jax: error:` line, holding every needle."""
+    assert code == 2
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:

@@ -4,7 +4,7 @@ And `generate` on a trained run."""
 import shutil
 
 import pytest
-from conftest import cli_flags, error_lines, run_cli, snapshot, tiny_run
+from conftest import assert_one_error, cli_flags, error_lines, run_cli, snapshot, tiny_run
 
 from genai_jax import rundir
 
@@ -12,14 +12,6 @@ from genai_jax import rundir
 def pretrain(capsys, run_dir, *flags, cfg=None):
     """`genai-jax pretrain` with the tiny test config, in-process: (exit code, stdout, stderr)."""
     return run_cli(capsys, "pretrain", *cli_flags(cfg or tiny_run()), "--run-dir", run_dir, *flags)
-
-
-def assert_one_error(code, err, *needles):
-    assert code == 2
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

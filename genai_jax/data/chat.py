@@ -107,14 +107,15 @@ def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dic
     return chats[: len(chats) - n_val], chats[len(chats) - n_val :]
 
 
-def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, seq_len: int):
-    """(rows, stats as a dict) of conversations in the chat template, per the data config."""
+def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, seq_len: int, first: int = 1):
+    """(rows, stats as a dict) of conversations in the chat template, per the data config.
+    Errors name the conversation by its number in the source, the first of `chats` being `first`."""
     encoded = []
-    for i, chat in enumerate(chats):
+    for i, chat in enumerate(chats, start=first):
         try:
             encoded.append(encode_chat(tokenizer, chat))
         except UserError as err:
-            raise UserError(f"conversation {i + 1}: {err}") from None
+            raise UserError(f"conversation {i}: {err}") from None
     rows, stats = build_rows(encoded, seq_len, tokenizer.pad_id, pack=cfg.pack, overlong=cfg.overlong)
     if stats.rows == 0:
         raise UserError(f"no conversation has a response token within {seq_len} tokens")
