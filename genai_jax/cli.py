@@ -2,6 +2,8 @@
 
     genai-jax pretrain --preset NAME --run-dir DIR [--data.path FILE] [--<section>.<field> VALUE]
     genai-jax sft --init-from PRETRAIN_RUN --preset NAME --run-dir DIR [...the same flags]
+    genai-jax reward --init-from SFT_RUN --preset NAME --run-dir DIR [...the same flags]
+    genai-jax score --run REWARD_RUN --in FILE.jsonl --out OUT.jsonl
     genai-jax eval --run DIR                 (gold score on held-out world prompts)
     genai-jax generate --run DIR --prompt TEXT | --prompts FILE.jsonl [--out OUT.jsonl]
     genai-jax chat --run DIR
@@ -15,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable
 
 import tyro
 
-from genai_jax.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, UserError, preset
+from genai_jax.config import (DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, RunConfig, TrainConfig,
+                              UserError, preset)
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,11 @@ class StageArgs:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def run_config(self) -> RunConfig:
         train = dataclasses.replace(self.train, init_from=self.init_from) if self.init_from else self.train
-        return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train)
+        return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train, objective=self.objective)
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,25 @@ class ChatArgs:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ScoreArgs:
+    """Score prompt/response pairs with a reward model run (normalised rewards)."""
+
+    run: str
+    """Reward model run directory."""
+    input: Annotated[str, tyro.conf.arg(name="in")]
+    """JSONL of {"prompt", "response"} (or {"messages": [...]} ending with the assistant's turn)."""
+    out: str = ""
+    """JSONL to write the input lines with a "score" added (default: stdout)."""
+    batch_size: int = 64
+
+
 def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     """(config, run_dir) from `--preset NAME` defaults for `stage`, overridden by the other flags."""
     name = _preset_name(argv)
     base = preset(name, stage)
-    defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train)
+    defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train,
+                         objective=base.objective)
     args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")
     if args.preset != name:
         raise UserError("--preset was given twice with different values")
@@ -126,6 +144,43 @@ def cmd_sft(argv: list[str]) -> None:
 
     cfg, run_dir = parse_stage(argv, "sft")
     _print_final("sft", run_dir, stages.sft(cfg, run_dir))
+
+
+def cmd_reward(argv: list[str]) -> None:
+    from genai_jax import stages
+
+    cfg, run_dir = parse_stage(argv, "reward")
+    _print_final("reward", run_dir, stages.reward(cfg, run_dir))
+
+
+def cmd_score(argv: list[str]) -> None:
+    import json
+
+    from genai_jax import reward, stages
+    from genai_jax.data.conversations import read_jsonl_conversations
+
+    args = tyro.cli(ScoreArgs, args=argv, prog="genai-jax score")
+    cfg, tokenizer, params = stages.load_trained(args.run)
+    if cfg.model.head != "scalar":
+        raise UserError(f"{args.run} is not a reward model run (model.head={cfg.model.head})")
+    normalization = reward.load_normalization(args.run)
+    chats, _ = read_jsonl_conversations(args.input)
+    for number, chat in enumerate(chats, start=1):
+        if chat[-1]["role"] != "assistant":
+            raise UserError(f"{args.input}: conversation {number} does not end with the assistant's response")
+    scores = reward.scores(cfg, params, tokenizer, [chat[:-1] for chat in chats], [chat[-1]["content"] for chat in chats],
+                           normalization, args.batch_size)
+    lines = []
+    for chat, score in zip(chats, scores):
+        record = ({"prompt": chat[-2]["content"], "response": chat[-1]["content"]} if len(chat) == 2
+                  else {"messages": chat})
+        lines.append(json.dumps(record | {"score": float(score)}) + "\n")
+    if args.out:
+        with open(args.out, "w") as out:
+            out.writelines(lines)
+        print(f"scored {len(lines)} responses into {args.out}")
+    else:
+        print("".join(lines), end="")
 
 
 def cmd_eval(argv: list[str]) -> None:
@@ -218,6 +273,8 @@ def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": cmd_pretrain,
     "sft": cmd_sft,
+    "reward": cmd_reward,
+    "score": cmd_score,
     "eval": cmd_eval,
     "generate": cmd_generate,
     "chat": cmd_chat,

@@ -41,6 +41,8 @@ class ModelConfig:
     """xla/cudnn: `jax.nn.dot_product_attention`'s implementations; einsum: plain einsums (fastest on
     CPU); auto: cudnn on a GPU in bfloat16, else einsum."""
     init_std: float = 0.02
+    head: Literal["lm", "scalar"] = "lm"
+    """The output head: next-token logits (policies), or one number per position (reward models)."""
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +87,12 @@ class DataConfig:
     """Number of documents in the synthetic world's pretraining corpus."""
     world_chats: int = 8000
     """Number of instruction chats the synthetic world gives for SFT (held-out problems excluded)."""
+    world_pairs: int = 3000
+    """Reward model: preference pairs drawn from the world (SFT samples and perturbed answers)."""
+    label_noise: float = 0.25
+    """Reward model, world data: the chance that a pair's gold preference is flipped (human-like noise)."""
+    max_responses: int = 8
+    """Reward model: the most responses one ranked prompt may have."""
     pack: bool = False
     """SFT: pack several conversations per row (segment ids keep them apart)."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -96,6 +104,14 @@ class DataConfig:
     @property
     def resolved_source(self) -> str:
         return "text" if self.path else self.source
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Hyperparameters of the stage's objective."""
+
+    reward_centering: float = 0.0
+    """Bradley-Terry: coefficient of the centering term mean((r_chosen + r_rejected)^2)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def replace(cfg, **sections):
@@ -146,7 +163,8 @@ def from_dict(data: dict, where: str = "config") -> RunConfig:
     """Rebuild a RunConfig from `to_dict` output, naming any unknown field."""
     sections = {}
     for section in dataclasses.fields(RunConfig):
-        cls = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}[section.name]
+        cls = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
+               "objective": ObjectiveConfig}[section.name]
         values = data.get(section.name, {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -207,6 +225,12 @@ _GPT2_SMALL = RunConfig(
 
 # Per-stage changes to a preset (stages after pretraining fine-tune: fewer steps, lower rates).
 STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
+    "reward": {
+        "tiny": {"model": {"head": "scalar"}, "optim": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "weight_decay": 0.0},
+                 "train": {"max_steps": 300, "eval_every": 100, "ckpt_every": 300, "sample_tokens": 0}},
+        "*": {"model": {"head": "scalar"}, "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 50, "weight_decay": 0.0},
+              "train": {"max_steps": 1000, "sample_tokens": 0}},
+    },
     "sft": {
         "tiny": {"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20}, "data": {"pack": True},
                  "train": {"max_steps": 800, "eval_every": 200, "ckpt_every": 400, "sample_tokens": 0}},

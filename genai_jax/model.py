@@ -258,10 +258,19 @@ class GPT(nn.Module):
         return out, new_cache
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, head: Head = "lm"):
-    """Float32 parameters for `GPT(cfg)`, built from a dummy batch of one token row."""
+def init_params(cfg: ModelConfig, rng: jax.Array, head: Head | None = None):
+    """Float32 parameters for `GPT(cfg)` with its head (`cfg.head` unless given), built from a
+    dummy batch of one token row."""
     tokens = jnp.zeros((1, min(cfg.context_len, 8)), jnp.int32)
-    return GPT(cfg).init(rng, tokens, head=head)
+    return GPT(cfg).init(rng, tokens, head=head or cfg.head)
+
+
+def with_scalar_head(params, cfg: ModelConfig, rng: jax.Array):
+    """A language model's trunk with a new scalar head (reward and value models start so):
+    the LM head, if untied, is dropped; the scalar head is initialised N(0, 1/sqrt(d + 1))."""
+    trunk = {name: value for name, value in params["params"].items() if name != "lm_head"}
+    head = init_params(cfg, rng, head="scalar")["params"]["scalar_head"]
+    return {"params": trunk | {"scalar_head": head}}
 
 
 def count_params(params, embeddings: bool = True) -> int:

@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from genai_jax import config as config_lib
@@ -104,7 +105,9 @@ def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, 
         train_iter.set_state(data_state)
     elif initial_params is not None:
         _, train_key = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
-        state = strategy.place_state(TrainState.create(initial_params, optimizer, train_key))
+        # A copy: the step donates the state, and the caller may still use its arrays.
+        params = jax.tree.map(jnp.array, initial_params)
+        state = strategy.place_state(TrainState.create(params, optimizer, train_key))
     else:
         state = strategy.compile_init(init_fn, abstract_state)()
     start_step = int(to_host(strategy.state_to_host(state).step))
@@ -167,16 +170,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
 def sft(cfg: RunConfig, run_dir: str | Path) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
     run_dir = Path(run_dir)
-    if not cfg.train.init_from:
-        raise UserError("sft needs --init-from RUN_DIR (a pretraining run)")
-    base_cfg, tokenizer, base_params = load_trained(cfg.train.init_from)
-    cfg = with_vocab(cfg, tokenizer)
-    mismatched = [name for name in config_lib.diff(base_cfg.model, cfg.model) if name != "dropout"]
-    if mismatched:
-        raise UserError(
-            f"--init-from {cfg.train.init_from} was trained with a different model config "
-            f"({', '.join(f'model.{n}' for n in mismatched)}); pass the same --model flags or preset"
-        )
+    cfg, tokenizer, base_params = load_init(cfg, "sft needs --init-from RUN_DIR (a pretraining run)")
     length = seq_len(cfg)
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
     train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
@@ -191,6 +185,86 @@ def sft(cfg: RunConfig, run_dir: str | Path) -> dict:
         summary=train_stats,
     )
     return final_record(run_dir)
+
+
+def load_init(cfg: RunConfig, missing: str) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config with vocab, tokenizer, params) of the `train.init_from` run a stage starts from,
+    refusing one whose model differs from this stage's (dropout and head may differ)."""
+    if not cfg.train.init_from:
+        raise UserError(missing)
+    base_cfg, tokenizer, base_params = load_trained(cfg.train.init_from)
+    cfg = with_vocab(cfg, tokenizer)
+    mismatched = [name for name in config_lib.diff(base_cfg.model, cfg.model) if name not in ("dropout", "head")]
+    if mismatched:
+        raise UserError(
+            f"--init-from {cfg.train.init_from} was trained with a different model config "
+            f"({', '.join(f'model.{n}' for n in mismatched)}); pass the same --model flags or preset"
+        )
+    return cfg, tokenizer, base_params
+
+
+def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
+    """Stage 2b: a reward model (the SFT trunk + a scalar head) trained with Bradley-Terry on
+    preference groups, then normalised on the SFT policy's samples. Returns the final metrics."""
+    from genai_jax import reward as reward_lib
+    from genai_jax.data import world
+    from genai_jax.data.chat import build_preference_rows
+    from genai_jax.evaluation import respond
+    from genai_jax.model import with_scalar_head
+    from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
+
+    run_dir = Path(run_dir)
+    if cfg.model.head != "scalar":
+        raise UserError("a reward model needs model.head=scalar")
+    cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
+    policy_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="lm"))
+    length = seq_len(cfg)
+    val_agrees = None
+    if cfg.data.resolved_source == "world":
+        train_problems = world.problems(cfg.data.seed + 4, cfg.data.world_pairs)
+        val_problems = world.problems(cfg.data.seed + 5, max(cfg.data.world_pairs // 8, 64), held_out=True)
+        train_groups, _ = reward_lib.world_preferences(policy_cfg, sft_params, tokenizer, train_problems, cfg.data.seed)
+        val_groups, val_agrees = reward_lib.world_preferences(policy_cfg, sft_params, tokenizer, val_problems,
+                                                              cfg.data.seed + 7)
+    else:
+        train_groups, val_groups = reward_lib.load_preference_groups(cfg.data)
+    train_rows, stats = build_preference_rows(train_groups, tokenizer, length, cfg.data.overlong)
+    val_rows = None
+    if val_groups:
+        val_rows, _ = build_preference_rows(val_groups, tokenizer, length, cfg.data.overlong, first=len(train_groups) + 1)
+    cfg, _ = open_run(cfg, run_dir, tokenizer.save)
+    print(f"reward data: {stats}")
+    state = train_stage(
+        cfg, run_dir, make_objective=partial(make_bradley_terry_objective, centering=cfg.objective.reward_centering),
+        train_source=loader.Rows(train_rows), val_source=None if val_rows is None else loader.Rows(val_rows),
+        initial_params=with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(cfg.train.seed + 1)),
+        summary=stats,
+    )
+    if jax.process_index() != 0:
+        return {}
+    # Normalise on the policy's samples for training prompts; check on a second, independent draw.
+    prompts = [list(group.prompt) for group in train_groups[:256]]
+    fit_samples, check_samples = (
+        [r.text for r in respond(policy_cfg, sft_params, tokenizer, prompts, max_new_tokens=16, temperature=1.0,
+                                 seed=cfg.data.seed + offset)]
+        for offset in (11, 13)
+    )
+    normalization = reward_lib.fit_normalization(
+        reward_lib.raw_scores(cfg, state.params, tokenizer, prompts, fit_samples))
+    reward_lib.save_normalization(run_dir, normalization)
+    check = reward_lib.scores(cfg, state.params, tokenizer, prompts, check_samples, normalization)
+    record = {"step": cfg.train.max_steps, **normalization,
+              "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
+    if val_agrees is not None and val_rows is not None:
+        accuracy = reward_lib.pair_accuracy(cfg, state.params, val_rows)
+        agrees = np.asarray(val_agrees)[: len(accuracy)]
+        record |= {"val_label_accuracy": float(accuracy.mean()),
+                   "val_gold_accuracy": float(np.where(agrees, accuracy, 1 - accuracy).mean()),
+                   "val_label_gold_agreement": float(agrees.mean())}
+    writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
+    writer.write(record)
+    writer.close()
+    return record
 
 
 def sample_text(cfg: RunConfig, params, tokenizer: Tokenizer, prompt: np.ndarray, max_new_tokens: int,

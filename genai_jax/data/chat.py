@@ -120,3 +120,52 @@ def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, 
     if stats.rows == 0:
         raise UserError(f"no conversation has a response token within {seq_len} tokens")
     return rows, dataclasses.asdict(stats)
+
+
+def response_tokens(tokenizer: Tokenizer, prompt, response: str, seq_len: int) -> tuple[np.ndarray, bool]:
+    """(tokens, truncated): prompt + response in the chat template, keeping the last seq_len
+    tokens (a reward is read at the end)."""
+    tokens = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": response}])[0]
+    return tokens[-seq_len:], len(tokens) > seq_len
+
+
+def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: str = "truncate", first: int = 1):
+    """(rows, stats as a dict) for the reward model from `PreferenceGroup`s: tokens and mask
+    [N, K, seq_len] (each response after its prompt in the chat template, right-padded), rank and
+    valid [N, K], weights and margin [N]; K is the most responses of any group. A sequence longer
+    than seq_len keeps its last seq_len tokens ("truncate": the reward is read at the end) or
+    drops its group ("drop")."""
+    k = max(len(group.responses) for group in groups)
+    n = len(groups)
+    rows = {
+        "tokens": np.full((n, k, seq_len), tokenizer.pad_id, np.int32),
+        "mask": np.zeros((n, k, seq_len), np.int32),
+        "rank": np.full((n, k), k, np.int32),
+        "valid": np.zeros((n, k), bool),
+        "weights": np.zeros(n, np.float32),
+        "margin": np.zeros(n, np.float32),
+    }
+    stats = {"groups": n, "pairs": 0, "truncated": 0, "dropped": 0}
+    kept = 0
+    for number, group in enumerate(groups, start=first):
+        try:
+            encoded = [response_tokens(tokenizer, group.prompt, response, seq_len) for response in group.responses]
+        except UserError as err:
+            raise UserError(f"preference group {number}: {err}") from None
+        if any(truncated for _, truncated in encoded):
+            if overlong == "drop":
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+        for i, (tokens, _) in enumerate(encoded):
+            rows["tokens"][kept, i, : len(tokens)] = tokens
+            rows["mask"][kept, i, : len(tokens)] = 1
+        rows["rank"][kept, list(group.ranking)] = np.arange(len(group.ranking))
+        rows["valid"][kept, : len(group.responses)] = True
+        rows["weights"][kept] = 1.0
+        rows["margin"][kept] = group.margin
+        stats["pairs"] += len(group.responses) * (len(group.responses) - 1) // 2
+        kept += 1
+    if kept == 0:
+        raise UserError(f"no preference group fits in {seq_len} tokens")
+    return {name: array[:kept] for name, array in rows.items()}, stats

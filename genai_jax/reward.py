@@ -1,0 +1,152 @@
+"""Reward-model data from the synthetic world, batched scoring, and reward normalisation.
+
+World preference pairs: for a training problem, one response is sampled from the SFT policy and
+the other is either a second sample or a perturbed correct answer; the gold checker orders them
+(ties are skipped) and the order is flipped with probability `label_noise`, as human labels
+disagree. The gold order is kept beside the noisy one to measure agreement with the truth.
+
+Normalisation (as in OpenAI's lm-human-preferences): gain and bias fitted after training so that
+the SFT policy's own samples score mean 0, std 1; saved beside the checkpoints and applied
+whenever the model scores.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from genai_jax.config import RunConfig, UserError
+from genai_jax.data import world
+from genai_jax.data.chat import response_tokens
+from genai_jax.data.preferences import PreferenceGroup
+from genai_jax.evaluation import respond
+from genai_jax.model import GPT
+from genai_jax.objectives.bradley_terry import sequence_rewards
+from genai_jax.tokenizer import Tokenizer
+
+NORMALIZATION_FILE = "reward_normalization.json"
+_SAMPLE_TOKENS = 16
+
+
+def perturbed_answer(answer: str, rng: np.random.Generator) -> str:
+    """A near miss: one character changed, dropped, inserted, or two neighbours swapped."""
+    chars = list(answer)
+    i = int(rng.integers(len(chars)))
+    op = rng.integers(4)
+    alphabet = "0123456789" if answer.isdigit() else ("ABCDEFGHIJKLMNOPQRSTUVWXYZ" if answer.isupper()
+                                                     else "abcdefghijklmnopqrstuvwxyz")
+    if op == 0:
+        chars[i] = alphabet[int(rng.integers(len(alphabet)))]
+    elif op == 1 and len(chars) > 1:
+        del chars[i]
+    elif op == 2:
+        chars.insert(i, alphabet[int(rng.integers(len(alphabet)))])
+    elif len(chars) > 1:
+        j = i + 1 if i + 1 < len(chars) else i - 1
+        chars[i], chars[j] = chars[j], chars[i]
+    return "".join(chars)
+
+
+def world_preferences(cfg: RunConfig, policy_params, tokenizer: Tokenizer, problems: list[world.Problem],
+                      seed: int) -> tuple[list[PreferenceGroup], list[bool]]:
+    """(groups with noisy labels, whether each label agrees with gold) for `problems`."""
+    rng = np.random.default_rng(seed)
+    chats = [world.chat(p)[:1] for p in problems]
+    generation = dict(max_new_tokens=_SAMPLE_TOKENS, temperature=1.0)
+    first = respond(cfg, policy_params, tokenizer, chats, seed=seed, **generation)
+    second = respond(cfg, policy_params, tokenizer, chats, seed=seed + 1, **generation)
+    groups, agrees = [], []
+    for problem, chat, a, b in zip(problems, chats, first, second):
+        other = b.text if rng.random() < 0.5 else perturbed_answer(problem.answer, rng)
+        gold_a, gold_b = world.gold_score(problem.instruction, a.text), world.gold_score(problem.instruction, other)
+        if gold_a == gold_b:
+            continue
+        gold_order = (0, 1) if gold_a > gold_b else (1, 0)
+        flipped = rng.random() < cfg.data.label_noise
+        groups.append(PreferenceGroup(tuple(chat), (a.text, other), gold_order[::-1] if flipped else gold_order))
+        agrees.append(not flipped)
+    return groups, agrees
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _rewards(params, tokens, mask, *, cfg):
+    return sequence_rewards(GPT(cfg).apply, params, tokens, mask)
+
+
+def _score_rows(cfg: RunConfig, params, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
+    """Rewards of token rows [N, T] in fixed-shape batches (one compilation)."""
+    scores = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = slice(start, start + batch_size)
+        pad = batch_size - len(tokens[chunk])
+        batch_tokens = np.concatenate([tokens[chunk], np.repeat(tokens[:1], pad, axis=0)])
+        batch_mask = np.concatenate([mask[chunk], np.repeat(mask[:1], pad, axis=0)])
+        scores.append(np.asarray(_rewards(params, batch_tokens, batch_mask, cfg=cfg.model))[: batch_size - pad])
+    return np.concatenate(scores)
+
+
+def raw_scores(cfg: RunConfig, params, tokenizer: Tokenizer, prompts: list[list[dict]], responses: list[str],
+               batch_size: int = 64) -> np.ndarray:
+    """Unnormalised rewards of each (prompt, response)."""
+    length = cfg.model.context_len
+    tokens = np.full((len(prompts), length), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        encoded, _ = response_tokens(tokenizer, prompt, response, length)
+        tokens[row, : len(encoded)], mask[row, : len(encoded)] = encoded, 1
+    return _score_rows(cfg, params, tokens, mask, batch_size)
+
+
+def pair_accuracy(cfg: RunConfig, params, rows: dict[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """Per pair (rows of `build_preference_rows` with K = 2): 1.0 where the labelled-better
+    response scores higher."""
+    n, k, length = rows["tokens"].shape
+    if k != 2:
+        raise ValueError("pair_accuracy needs pairs (K = 2)")
+    flat = _score_rows(cfg, params, rows["tokens"].reshape(-1, length), rows["mask"].reshape(-1, length), batch_size)
+    first, second = flat.reshape(n, 2).T
+    first_better = rows["rank"][:, 0] == 0
+    return np.where(first_better, first > second, second > first).astype(np.float64)
+
+
+def load_preference_groups(cfg) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+    """(train, validation) groups of a JSONL file: its last `val_fraction` validates."""
+    from genai_jax.data.preferences import read_preferences_jsonl
+
+    if cfg.resolved_source != "text":
+        raise UserError(f"data.source {cfg.resolved_source!r} has no preferences (use world or --data.path FILE.jsonl)")
+    groups, skipped = read_preferences_jsonl(cfg.path, cfg.skip_malformed, cfg.max_responses)
+    if skipped:
+        print(f"{cfg.path}: skipped {skipped} malformed line(s)")
+    n_val = int(len(groups) * cfg.val_fraction)
+    return groups[: len(groups) - n_val], groups[len(groups) - n_val :]
+
+
+def fit_normalization(scores: np.ndarray) -> dict[str, float]:
+    """gain and bias with gain * score + bias of mean 0 and std 1 over `scores`."""
+    std = float(np.std(scores))
+    if std == 0:
+        raise UserError("the reward model gives every policy sample the same score; cannot normalise")
+    return {"gain": 1.0 / std, "bias": -float(np.mean(scores)) / std}
+
+
+def save_normalization(run_dir: Path, normalization: dict) -> None:
+    (run_dir / NORMALIZATION_FILE).write_text(json.dumps(normalization, indent=2))
+
+
+def load_normalization(run_dir: Path) -> dict[str, float]:
+    path = Path(run_dir) / NORMALIZATION_FILE
+    if not path.exists():
+        raise UserError(f"{run_dir}: no {NORMALIZATION_FILE} (not a finished reward model run)")
+    return json.loads(path.read_text())
+
+
+def scores(cfg: RunConfig, params, tokenizer: Tokenizer, prompts: list[list[dict]], responses: list[str],
+           normalization: dict[str, float], batch_size: int = 64) -> np.ndarray:
+    """Normalised rewards: what every user of a trained reward model sees."""
+    raw = raw_scores(cfg, params, tokenizer, prompts, responses, batch_size)
+    return normalization["gain"] * raw + normalization["bias"]
