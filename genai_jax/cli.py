@@ -170,11 +170,9 @@ def cmd_score(argv: list[str]) -> None:
             raise UserError(f"{args.input}: conversation {number} does not end with the assistant's response")
     scores = reward.scores(cfg, params, tokenizer, [chat[:-1] for chat in chats], [chat[-1]["content"] for chat in chats],
                            normalization, args.batch_size)
-    lines = []
-    for chat, score in zip(chats, scores):
-        record = ({"prompt": chat[-2]["content"], "response": chat[-1]["content"]} if len(chat) == 2
-                  else {"messages": chat})
-        lines.append(json.dumps(record | {"score": float(score)}) + "\n")
+    with open(args.input) as lines_in:  # the reader accepted every line: echo each with its score
+        records = [json.loads(line) for line in lines_in if line.strip()]
+    lines = [json.dumps(record | {"score": float(score)}) + "\n" for record, score in zip(records, scores)]
     if args.out:
         with open(args.out, "w") as out:
             out.writelines(lines)

@@ -33,22 +33,26 @@ _SAMPLE_TOKENS = 16
 
 
 def perturbed_answer(answer: str, rng: np.random.Generator) -> str:
-    """A near miss: one character changed, dropped, inserted, or two neighbours swapped."""
-    chars = list(answer)
-    i = int(rng.integers(len(chars)))
-    op = rng.integers(4)
+    """A near miss, never the answer itself: one character changed, dropped or inserted, or two
+    neighbours swapped, in the answer's own alphabet."""
     alphabet = "0123456789" if answer.isdigit() else ("ABCDEFGHIJKLMNOPQRSTUVWXYZ" if answer.isupper()
                                                      else "abcdefghijklmnopqrstuvwxyz")
-    if op == 0:
-        chars[i] = alphabet[int(rng.integers(len(alphabet)))]
-    elif op == 1 and len(chars) > 1:
-        del chars[i]
-    elif op == 2:
-        chars.insert(i, alphabet[int(rng.integers(len(alphabet)))])
-    elif len(chars) > 1:
-        j = i + 1 if i + 1 < len(chars) else i - 1
-        chars[i], chars[j] = chars[j], chars[i]
-    return "".join(chars)
+    while True:
+        chars = list(answer)
+        i = int(rng.integers(len(chars)))
+        op = rng.integers(4)
+        if op == 0:
+            chars[i] = alphabet[int(rng.integers(len(alphabet)))]
+        elif op == 1:
+            del chars[i]
+        elif op == 2:
+            chars.insert(i, alphabet[int(rng.integers(len(alphabet)))])
+        elif len(chars) > 1:
+            j = i + 1 if i + 1 < len(chars) else i - 1
+            chars[i], chars[j] = chars[j], chars[i]
+        candidate = "".join(chars)
+        if candidate != answer:
+            return candidate
 
 
 def world_preferences(cfg: RunConfig, policy_params, tokenizer: Tokenizer, problems: list[world.Problem],
@@ -129,7 +133,7 @@ def load_preference_groups(cfg) -> tuple[list[PreferenceGroup], list[PreferenceG
 def fit_normalization(scores: np.ndarray) -> dict[str, float]:
     """gain and bias with gain * score + bias of mean 0 and std 1 over `scores`."""
     std = float(np.std(scores))
-    if std == 0:
+    if std <= 1e-6 * max(1.0, abs(float(np.mean(scores)))):
         raise UserError("the reward model gives every policy sample the same score; cannot normalise")
     return {"gain": 1.0 / std, "bias": -float(np.mean(scores)) / std}
 

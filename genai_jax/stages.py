@@ -231,7 +231,9 @@ def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
     train_rows, stats = build_preference_rows(train_groups, tokenizer, length, cfg.data.overlong)
     val_rows = None
     if val_groups:
-        val_rows, _ = build_preference_rows(val_groups, tokenizer, length, cfg.data.overlong, first=len(train_groups) + 1)
+        # World pairs are short and never dropped, which keeps them aligned with val_agrees.
+        overlong = "truncate" if val_agrees is not None else cfg.data.overlong
+        val_rows, _ = build_preference_rows(val_groups, tokenizer, length, overlong, first=len(train_groups) + 1)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     print(f"reward data: {stats}")
     state = train_stage(
@@ -257,7 +259,7 @@ def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
               "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
     if val_agrees is not None and val_rows is not None:
         accuracy = reward_lib.pair_accuracy(cfg, state.params, val_rows)
-        agrees = np.asarray(val_agrees)[: len(accuracy)]
+        agrees = np.asarray(val_agrees)
         record |= {"val_label_accuracy": float(accuracy.mean()),
                    "val_gold_accuracy": float(np.where(agrees, accuracy, 1 - accuracy).mean()),
                    "val_label_gold_agreement": float(agrees.mean())}
