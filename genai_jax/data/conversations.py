@@ -8,16 +8,38 @@ user turn and the response to the assistant's. Bad lines are a UserError naming 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from typing import TypeVar
 
 from genai_jax.config import UserError
 
 ROLES = ("system", "user", "assistant")
+T = TypeVar("T")
 
 
-class _BadLine(Exception):
+class BadLine(Exception):
     """What is wrong with one line; the reader adds the file and line number."""
+
+
+def read_jsonl_records(path: str | Path, parse: Callable[[dict], T], what: str,
+                       skip_malformed: bool = False) -> tuple[list[T], int]:
+    """`parse(obj)` of the JSON object on each non-blank line, and the number of lines skipped.
+    A line that is not a JSON object or that `parse` rejects (BadLine) raises
+    UserError("<path>:<line>: <what is wrong>"), or is skipped and counted with `skip_malformed`.
+    `what` names the items for the error on a file that yields none."""
+    items, skipped = [], 0
+    for number, line in _jsonl_lines(path):
+        try:
+            items.append(parse(_json_object(line)))
+        except BadLine as err:
+            if not skip_malformed:
+                raise UserError(f"{path}:{number}: {err}") from None
+            skipped += 1
+    if not items:
+        raise UserError(f"{path}: no {what}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
+    return items, skipped
 
 
 def read_jsonl_conversations(path: str | Path, skip_malformed: bool = False) -> tuple[list[list[dict]], int]:
@@ -27,30 +49,12 @@ def read_jsonl_conversations(path: str | Path, skip_malformed: bool = False) -> 
     [system?, user, assistant], or `{"messages": [{"role": ..., "content": ...}, ...]}`. A malformed
     line raises UserError("<path>:<line>: <what is wrong>"), or is skipped and counted when
     `skip_malformed` is set."""
-    conversations, skipped = [], 0
-    for number, line in _jsonl_lines(path):
-        try:
-            conversations.append(_conversation(_json_object(line)))
-        except _BadLine as err:
-            if not skip_malformed:
-                raise UserError(f"{path}:{number}: {err}") from None
-            skipped += 1
-    if not conversations:
-        raise UserError(f"{path}: no conversations" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
-    return conversations, skipped
+    return read_jsonl_records(path, _conversation, "conversations", skip_malformed)
 
 
 def read_prompts_jsonl(path: str | Path) -> list[str]:
     """The "prompt" of each line of a JSONL file (`{"prompt": str}` per line), for batch generation."""
-    prompts = []
-    for number, line in _jsonl_lines(path):
-        try:
-            prompts.append(_text_field(_json_object(line), "prompt"))
-        except _BadLine as err:
-            raise UserError(f"{path}:{number}: {err}") from None
-    if not prompts:
-        raise UserError(f"{path}: no prompts")
-    return prompts
+    return read_jsonl_records(path, lambda record: _text_field(record, "prompt"), "prompts")[0]
 
 
 def dolly_conversations(split: str = "train") -> list[list[dict]]:
@@ -96,9 +100,9 @@ def _json_object(line: str) -> dict:
     try:
         value = json.loads(line)
     except json.JSONDecodeError as err:
-        raise _BadLine(f"not valid JSON ({err.msg} at column {err.colno})") from None
+        raise BadLine(f"not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(value, dict):
-        raise _BadLine(f"expected a JSON object, got {type(value).__name__}")
+        raise BadLine(f"expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -106,21 +110,21 @@ def _text_field(record: dict, key: str) -> str:
     """`record[key]`, which must be a string that is not blank."""
     value = record.get(key)
     if not isinstance(value, str):
-        raise _BadLine(f'"{key}" must be a string, got {type(value).__name__}')
+        raise BadLine(f'"{key}" must be a string, got {type(value).__name__}')
     if not value.strip():
-        raise _BadLine(f'"{key}" is empty')
+        raise BadLine(f'"{key}" is empty')
     return value
 
 
 def _conversation(record: dict) -> list[dict]:
     has_pair = "prompt" in record and "response" in record
     if has_pair and "messages" in record:
-        raise _BadLine('has both "prompt"/"response" and "messages"; use one form')
+        raise BadLine('has both "prompt"/"response" and "messages"; use one form')
     if has_pair:
         return _prompt_response(record)
     if "messages" in record:
         return _messages(record["messages"])
-    raise _BadLine(f'expected "prompt" and "response", or "messages" (found keys: {sorted(record)})')
+    raise BadLine(f'expected "prompt" and "response", or "messages" (found keys: {sorted(record)})')
 
 
 def _prompt_response(record: dict) -> list[dict]:
@@ -128,23 +132,23 @@ def _prompt_response(record: dict) -> list[dict]:
                 {"role": "assistant", "content": _text_field(record, "response")}]
     if "system" in record:
         if not isinstance(record["system"], str):
-            raise _BadLine(f'"system" must be a string, got {type(record["system"]).__name__}')
+            raise BadLine(f'"system" must be a string, got {type(record["system"]).__name__}')
         messages.insert(0, {"role": "system", "content": record["system"]})
     return messages
 
 
 def _messages(messages: object) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise _BadLine('"messages" must be a non-empty list')
+        raise BadLine('"messages" must be a non-empty list')
     for i, message in enumerate(messages):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
-            raise _BadLine(f'message {i} must be an object with string "role" and "content"')
+            raise BadLine(f'message {i} must be an object with string "role" and "content"')
         if message["role"] not in ROLES:
-            raise _BadLine(f"message {i} has unknown role {message['role']!r} (use one of: {', '.join(ROLES)})")
+            raise BadLine(f"message {i} has unknown role {message['role']!r} (use one of: {', '.join(ROLES)})")
     roles = [message["role"] for message in messages]
     if "assistant" not in roles:
-        raise _BadLine("no assistant message")
+        raise BadLine("no assistant message")
     if next((role for role in roles if role != "system"), None) != "user":
-        raise _BadLine("the first message after any system messages must be from the user")
+        raise BadLine("the first message after any system messages must be from the user")
     return [{"role": message["role"], "content": message["content"]} for message in messages]

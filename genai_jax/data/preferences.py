@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from genai_jax.config import UserError
-from genai_jax.data.conversations import _BadLine, _json_object, _jsonl_lines, _text_field
+from genai_jax.data.conversations import BadLine, _text_field, read_jsonl_records
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,7 @@ def read_preferences_jsonl(path: str | Path, skip_malformed: bool = False,
     is set; a group with more than `max_responses` responses is malformed."""
     if max_responses < 2:
         raise ValueError(f"max_responses must be at least 2, got {max_responses}")
-    groups, skipped = [], 0
-    for number, line in _jsonl_lines(path):
-        try:
-            groups.append(_group(_json_object(line), max_responses))
-        except _BadLine as err:
-            if not skip_malformed:
-                raise UserError(f"{path}:{number}: {err}") from None
-            skipped += 1
-    if not groups:
-        raise UserError(f"{path}: no preference pairs" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
-    return groups, skipped
+    return read_jsonl_records(path, lambda record: _group(record, max_responses), "preference pairs", skip_malformed)
 
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
@@ -110,12 +99,12 @@ def _group(record: dict, max_responses: int) -> PreferenceGroup:
     has_pair = "chosen" in record or "rejected" in record
     has_ranked = "responses" in record or "ranking" in record
     if has_pair and has_ranked:
-        raise _BadLine('has both "chosen"/"rejected" and "responses"/"ranking"; use one form')
+        raise BadLine('has both "chosen"/"rejected" and "responses"/"ranking"; use one form')
     if has_ranked:
         return _ranked(record, max_responses)
     if has_pair:
         return _pair(record) if "prompt" in record else _hh_pair(record)
-    raise _BadLine('unknown format: expected "prompt" with "chosen" and "rejected", "prompt" with '
+    raise BadLine('unknown format: expected "prompt" with "chosen" and "rejected", "prompt" with '
                    f'"responses" and "ranking", or HH-RLHF "chosen" and "rejected" (found keys: {sorted(record)})')
 
 
@@ -123,7 +112,7 @@ def _pair(record: dict) -> PreferenceGroup:
     prompt = _text_field(record, "prompt")
     chosen, rejected = _text_field(record, "chosen"), _text_field(record, "rejected")
     if chosen.strip() == rejected.strip():
-        raise _BadLine('"chosen" and "rejected" are identical')
+        raise BadLine('"chosen" and "rejected" are identical')
     return PreferenceGroup(({"role": "user", "content": prompt},), (chosen, rejected), (0, 1), _margin(record))
 
 
@@ -132,10 +121,10 @@ def _hh_pair(record: dict) -> PreferenceGroup:
     if chosen[:-1] != rejected[:-1]:
         turn = next((i for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b),
                     min(len(chosen), len(rejected)) - 1)
-        raise _BadLine(f'"chosen" and "rejected" differ before their final Assistant turn (at turn {turn}); '
+        raise BadLine(f'"chosen" and "rejected" differ before their final Assistant turn (at turn {turn}); '
                        "they share no prompt")
     if chosen[-1] == rejected[-1]:
-        raise _BadLine('"chosen" and "rejected" are identical')
+        raise BadLine('"chosen" and "rejected" are identical')
     return PreferenceGroup(tuple(chosen[:-1]), (chosen[-1]["content"], rejected[-1]["content"]), (0, 1),
                            _margin(record))
 
@@ -145,39 +134,39 @@ def _hh_transcript(record: dict, key: str) -> list[dict]:
     try:
         messages = parse_hh_transcript(text)
     except ValueError as err:
-        raise _BadLine(f'"{key}" is not a Human/Assistant transcript: {err}') from None
+        raise BadLine(f'"{key}" is not a Human/Assistant transcript: {err}') from None
     if messages[-1]["role"] != "assistant":
-        raise _BadLine(f'"{key}" does not end with an Assistant turn')
+        raise BadLine(f'"{key}" does not end with an Assistant turn')
     if messages[-2]["role"] != "user":  # the parser puts a Human turn first, so there is a turn before
-        raise _BadLine(f'"{key}": the turn before the final Assistant turn must be from the Human')
+        raise BadLine(f'"{key}": the turn before the final Assistant turn must be from the Human')
     return messages
 
 
 def _ranked(record: dict, max_responses: int) -> PreferenceGroup:
     if "margin" in record:
-        raise _BadLine('"margin" is only for "chosen"/"rejected" pairs')
+        raise BadLine('"margin" is only for "chosen"/"rejected" pairs')
     prompt = _text_field(record, "prompt")
     responses = record.get("responses")
     if not isinstance(responses, list):
-        raise _BadLine(f'"responses" must be a list of strings, got {type(responses).__name__}')
+        raise BadLine(f'"responses" must be a list of strings, got {type(responses).__name__}')
     if len(responses) < 2:
-        raise _BadLine(f'"responses" must hold at least 2 responses, got {len(responses)}')
+        raise BadLine(f'"responses" must hold at least 2 responses, got {len(responses)}')
     if len(responses) > max_responses:
-        raise _BadLine(f'"responses" holds {len(responses)} responses, more than max_responses={max_responses}')
+        raise BadLine(f'"responses" holds {len(responses)} responses, more than max_responses={max_responses}')
     seen: dict[str, int] = {}
     for i, response in enumerate(responses):
         if not isinstance(response, str):
-            raise _BadLine(f"response {i} must be a string, got {type(response).__name__}")
+            raise BadLine(f"response {i} must be a string, got {type(response).__name__}")
         if not response.strip():
-            raise _BadLine(f"response {i} is empty")
+            raise BadLine(f"response {i} is empty")
         if response.strip() in seen:
-            raise _BadLine(f"responses {seen[response.strip()]} and {i} are identical")
+            raise BadLine(f"responses {seen[response.strip()]} and {i} are identical")
         seen[response.strip()] = i
     ranking = record.get("ranking")
     if not (isinstance(ranking, list) and all(type(r) is int for r in ranking)):
-        raise _BadLine(f'"ranking" must be a list of integers, got {_describe(ranking)}')
+        raise BadLine(f'"ranking" must be a list of integers, got {_describe(ranking)}')
     if sorted(ranking) != list(range(len(responses))):
-        raise _BadLine(f'"ranking" must be a permutation of 0..{len(responses) - 1} (each response index once), '
+        raise BadLine(f'"ranking" must be a permutation of 0..{len(responses) - 1} (each response index once), '
                        f"got {ranking}")
     return PreferenceGroup(({"role": "user", "content": prompt},), tuple(responses), tuple(ranking))
 
@@ -193,8 +182,8 @@ def _margin(record: dict) -> float:
         return 0.0
     margin = record["margin"]
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise _BadLine(f'"margin" must be a number, got {type(margin).__name__}')
+        raise BadLine(f'"margin" must be a number, got {type(margin).__name__}')
     if not math.isfinite(margin):
-        raise _BadLine(f'"margin" must be finite, got {margin}')
+        raise BadLine(f'"margin" must be finite, got {margin}')
     return float(margin)
 
