@@ -37,6 +37,13 @@ def seq_len(cfg: RunConfig) -> int:
     return length
 
 
+def check_config(cfg: RunConfig) -> int:
+    """The sequence length, once the settings a run directory cannot fix later are checked (so a
+    bad flag fails before anything is written)."""
+    loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
+    return seq_len(cfg)
+
+
 def with_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     """Fill model.vocab_size from the tokenizer (rounded up to model.vocab_multiple)."""
     vocab = cfg.model.vocab_size
@@ -148,8 +155,7 @@ def final_record(run_dir: Path) -> dict:
 def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
     """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
     run_dir = Path(run_dir)
-    length = seq_len(cfg)
-    loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
+    length = check_config(cfg)
     text = sources.load_text(cfg.data)
     cfg, tokenizer = open_run(cfg, run_dir, lambda directory: build_tokenizer(cfg.data, text, directory))
 
@@ -171,7 +177,7 @@ def sft(cfg: RunConfig, run_dir: str | Path) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
     run_dir = Path(run_dir)
     cfg, tokenizer, base_params = load_init(cfg, "sft needs --init-from RUN_DIR (a pretraining run)")
-    length = seq_len(cfg)
+    length = check_config(cfg)
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
     train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
     val_rows = None
@@ -218,7 +224,7 @@ def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
         raise UserError("a reward model needs model.head=scalar")
     cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
     policy_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="lm"))
-    length = seq_len(cfg)
+    length = check_config(cfg)
     val_agrees = None
     if cfg.data.resolved_source == "world":
         train_problems = world.problems(cfg.data.seed + 4, cfg.data.world_pairs)
