@@ -227,7 +227,8 @@ _GPT2_SMALL = RunConfig(
 STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
     "reward": {
         "tiny": {"model": {"head": "scalar"}, "optim": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "weight_decay": 0.0},
-                 "train": {"max_steps": 300, "eval_every": 100, "ckpt_every": 300, "sample_tokens": 0}},
+                 "data": {"world_pairs": 8000},
+                 "train": {"max_steps": 400, "eval_every": 100, "ckpt_every": 400, "sample_tokens": 0}},
         "*": {"model": {"head": "scalar"}, "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 50, "weight_decay": 0.0},
               "train": {"max_steps": 1000, "sample_tokens": 0}},
     },
