@@ -49,7 +49,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, start_step: int = 0):
         """Records after `start_step` (left by a run that stopped after its last checkpoint) are
-        dropped, so a resumed run's log has each step once."""
+        dropped, so a resumed run's log has each step once; a run starting at step 0 starts a new log."""
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
@@ -57,7 +57,8 @@ class MetricsWriter:
 
         path = run_dir / "metrics.jsonl"
         if path.exists():
-            kept = [record for record in read_metrics(run_dir) if record["step"] <= start_step]
+            # a run starting over at step 0 (it stopped before its first checkpoint) starts a new log
+            kept = [record for record in read_metrics(run_dir) if 0 < start_step and record["step"] <= start_step]
             path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.file = open(run_dir / "metrics.jsonl", "a")
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))

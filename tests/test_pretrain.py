@@ -109,3 +109,16 @@ def test_steady_state_never_recompiles(tmp_path, caplog):
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Finished XLA compilation")]
     assert sum("jit(train_step)" in m for m in compiled) == 1
     assert sum("jit(eval_step)" in m for m in compiled) == 1
+
+
+def test_run_that_restarts_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    import shutil
+
+    cfg = tiny_run(train={"max_steps": 3, "eval_every": 1000, "sample_tokens": 0})
+    stages.pretrain(cfg, tmp_path / "run")
+    first = rundir.read_metrics(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if it had died before saving
+    stages.pretrain(cfg, tmp_path / "run")
+    again = rundir.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in again] == [r["step"] for r in first] == [0, 0, 1, 2, 3, 3]
+    assert [r.get("loss") for r in again] == [r.get("loss") for r in first]
