@@ -15,6 +15,8 @@ dataclasses. This module is the only place that wires stages together.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Callable
@@ -154,8 +156,6 @@ def cmd_reward(argv: list[str]) -> None:
 
 
 def cmd_score(argv: list[str]) -> None:
-    import json
-
     from genai_jax import reward, stages
     from genai_jax.data.conversations import read_jsonl_conversations
 
@@ -172,17 +172,10 @@ def cmd_score(argv: list[str]) -> None:
                            normalization, args.batch_size)
     with open(args.input) as lines_in:  # the reader accepted every line: echo each with its score
         records = [json.loads(line) for line in lines_in if line.strip()]
-    lines = [json.dumps(record | {"score": float(score)}) + "\n" for record, score in zip(records, scores)]
-    if args.out:
-        with open(args.out, "w") as out:
-            out.writelines(lines)
-        print(f"scored {len(lines)} responses into {args.out}")
-    else:
-        print("".join(lines), end="")
+    _write_jsonl([record | {"score": float(score)} for record, score in zip(records, scores)], args.out, "scores")
 
 
 def cmd_eval(argv: list[str]) -> None:
-    import json
     from pathlib import Path
 
     from genai_jax import stages
@@ -208,7 +201,7 @@ def cmd_chat(argv: list[str]) -> None:
     cfg, tokenizer, params = stages.load_trained(args.run)
     history: list[dict] = []
     print("chat: /reset starts over, /exit quits")
-    for turn in range(1_000_000):
+    for turn in itertools.count():
         try:
             line = input("you> ").strip()
         except EOFError:
@@ -250,8 +243,6 @@ def cmd_generate(argv: list[str]) -> None:
 
 
 def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
-    import json
-
     from genai_jax.data.conversations import read_prompts_jsonl
     from genai_jax.evaluation import respond
 
@@ -259,11 +250,16 @@ def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
     responses = respond(cfg, params, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed)
-    lines = "".join(json.dumps({"prompt": p, "response": r.text}) + "\n" for p, r in zip(prompts, responses))
-    if args.out:
-        with open(args.out, "w") as out:
-            out.write(lines)
-        print(f"wrote {len(prompts)} responses to {args.out}")
+    _write_jsonl([{"prompt": p, "response": r.text} for p, r in zip(prompts, responses)], args.out, "responses")
+
+
+def _write_jsonl(records: list[dict], out: str, what: str) -> None:
+    """One JSON line per record into `out`, or onto stdout when `out` is empty."""
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    if out:
+        with open(out, "w") as file:
+            file.write(lines)
+        print(f"wrote {len(records)} {what} to {out}")
     else:
         print(lines, end="")
 

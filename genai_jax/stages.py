@@ -27,7 +27,7 @@ from genai_jax.optim import make_optimizer, schedule
 from genai_jax.parallel import Mesh, make_strategy, to_host
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
-from genai_jax.train import TrainState, fit, make_eval_step, make_init_fn, make_train_step
+from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
 
 
 def seq_len(cfg: RunConfig) -> int:
@@ -111,10 +111,9 @@ def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, 
         state = strategy.place_state(state)
         train_iter.set_state(data_state)
     elif initial_params is not None:
-        _, train_key = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
         # A copy: the step donates the state, and the caller may still use its arrays.
         params = jax.tree.map(jnp.array, initial_params)
-        state = strategy.place_state(TrainState.create(params, optimizer, train_key))
+        state = strategy.place_state(make_init_fn(lambda _: params, optimizer, cfg.train.seed)())
     else:
         state = strategy.compile_init(init_fn, abstract_state)()
     start_step = int(to_host(strategy.state_to_host(state).step))
