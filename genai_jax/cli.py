@@ -23,8 +23,8 @@ from typing import Annotated, Callable
 
 import tyro
 
-from genai_jax.config import (DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, RunConfig, TrainConfig,
-                              UserError, preset)
+from genai_jax.config import (DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig, RunConfig,
+                              TrainConfig, UserError, preset)
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,12 @@ class StageArgs:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def run_config(self) -> RunConfig:
         train = dataclasses.replace(self.train, init_from=self.init_from) if self.init_from else self.train
-        return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train, objective=self.objective)
+        return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train, objective=self.objective,
+                         ppo=self.ppo)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     name = _preset_name(argv)
     base = preset(name, stage)
     defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train,
-                         objective=base.objective)
+                         objective=base.objective, ppo=base.ppo)
     args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")
     if args.preset != name:
         raise UserError("--preset was given twice with different values")
@@ -153,6 +155,13 @@ def cmd_reward(argv: list[str]) -> None:
 
     cfg, run_dir = parse_stage(argv, "reward")
     _print_final("reward", run_dir, stages.reward(cfg, run_dir))
+
+
+def cmd_ppo(argv: list[str]) -> None:
+    from genai_jax import rlhf
+
+    cfg, run_dir = parse_stage(argv, "ppo")
+    _print_final("ppo", run_dir, rlhf.ppo(cfg, run_dir))
 
 
 def cmd_score(argv: list[str]) -> None:
@@ -268,6 +277,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": cmd_pretrain,
     "sft": cmd_sft,
     "reward": cmd_reward,
+    "ppo": cmd_ppo,
     "score": cmd_score,
     "eval": cmd_eval,
     "generate": cmd_generate,

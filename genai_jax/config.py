@@ -115,6 +115,45 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class PPOConfig:
+    """Stage 3 (RLHF). In the ppo stage a step is one iteration: rollouts for `train.batch_size`
+    prompts, then `epochs` passes over `minibatches` minibatches of them, one optimizer update each."""
+
+    policy: str = ""
+    """SFT run directory: the policy starts from it and it stays the frozen reference."""
+    reward: str = ""
+    """Reward model run directory: it scores, and the value model starts from it."""
+    epochs: int = 4
+    minibatches: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    """Rollout sampling temperature; log-probabilities are taken under the same tempered softmax."""
+    top_k: int = 0
+    top_p: float = 1.0
+    clip_ratio: float = 0.2
+    clip_value: float = 0.2
+    value_coef: float = 0.1
+    entropy_coef: float = 0.0
+    value_lr: float = 0.0
+    """Learning rate of the value model; 0 means optim.lr."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    """The KL penalty's beta (its start value with an adaptive controller)."""
+    kl_target: float = 0.0
+    """Adaptive KL controller's target (per-sequence KL, nats); 0 keeps beta fixed."""
+    kl_horizon: int = 10000
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    no_end_penalty: float = 1.0
+    """Subtracted from the score of a response that does not end its turn within max_new_tokens."""
+    reward_clip: float = 5.0
+    """Clip normalised scores to [-reward_clip, reward_clip] (0: off)."""
+    whiten_rewards: bool = False
+    gold_prompts: int = 200
+    """Task world: held-out prompts for the gold score at each evaluation (greedy decoding)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 12
     """Global batch size (sequences per optimizer step, over all devices and micro-batches)."""
@@ -144,6 +183,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 def replace(cfg, **sections):
@@ -164,7 +204,7 @@ def from_dict(data: dict, where: str = "config") -> RunConfig:
     sections = {}
     for section in dataclasses.fields(RunConfig):
         cls = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-               "objective": ObjectiveConfig}[section.name]
+               "objective": ObjectiveConfig, "ppo": PPOConfig}[section.name]
         values = data.get(section.name, {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -231,6 +271,14 @@ STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
                  "train": {"max_steps": 400, "eval_every": 100, "ckpt_every": 400, "sample_tokens": 0}},
         "*": {"model": {"head": "scalar"}, "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 50, "weight_decay": 0.0},
               "train": {"max_steps": 1000, "sample_tokens": 0}},
+    },
+    "ppo": {
+        "tiny": {"optim": {"lr": 1e-4, "min_lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.0},
+                 "ppo": {"max_new_tokens": 16, "value_lr": 3e-4},
+                 "train": {"batch_size": 64, "max_steps": 40, "eval_every": 10, "ckpt_every": 10}},
+        "*": {"optim": {"lr": 1e-6, "min_lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0},
+              "ppo": {"value_lr": 1e-5},
+              "train": {"batch_size": 64, "max_steps": 200, "eval_every": 20, "ckpt_every": 20}},
     },
     "sft": {
         "tiny": {"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20}, "data": {"pack": True},

@@ -38,10 +38,11 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "with_logprobs"))
 def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_tokens: int,
-             temperature=1.0, top_k: int = 0, top_p=1.0):
-    """New tokens [B, max_new_tokens] after left-padded prompts [B, P]."""
+             temperature=1.0, top_k: int = 0, top_p=1.0, with_logprobs: bool = False):
+    """New tokens [B, max_new_tokens] after left-padded prompts [B, P]; with `with_logprobs`, also
+    each token's log-probability under softmax(logits / temperature) (before top-k/top-p)."""
     model = GPT(cfg)
     batch, prompt_len = prompt.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
@@ -51,12 +52,14 @@ def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_toke
     def step(carry, key):
         cache, logits, position = carry
         token = sample_token(logits, key, temperature, top_k, top_p)
+        tempered = jax.nn.log_softmax(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6), axis=-1)
+        logprob = jnp.take_along_axis(tempered, token[:, None], axis=-1)[:, 0]
         logits, cache = model.apply(params, token[:, None], positions=position[:, None], cache=cache)
-        return (cache, logits[:, 0], position + 1), token
+        return (cache, logits[:, 0], position + 1), (token, logprob)
 
     keys = jax.random.split(rng, max_new_tokens)
-    _, tokens = jax.lax.scan(step, (cache, logits[:, -1], positions[:, -1] + 1), keys)
-    return tokens.T
+    _, (tokens, logprobs) = jax.lax.scan(step, (cache, logits[:, -1], positions[:, -1] + 1), keys)
+    return (tokens.T, logprobs.T) if with_logprobs else tokens.T
 
 
 def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:

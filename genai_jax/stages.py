@@ -147,8 +147,12 @@ def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, 
 
 
 def final_record(run_dir: Path) -> dict:
-    """The last metrics record of a run (process 0; others have none)."""
-    return rundir.read_metrics(run_dir)[-1] if jax.process_index() == 0 else {}
+    """The records of a run's last step merged, e.g. its train and eval records (process 0; others
+    have none)."""
+    if jax.process_index() != 0:
+        return {}
+    records = rundir.read_metrics(run_dir)
+    return {name: value for record in records if record["step"] == records[-1]["step"] for name, value in record.items()}
 
 
 def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
@@ -293,8 +297,14 @@ def load_trained(run_dir: str | Path) -> tuple[RunConfig, Tokenizer, dict]:
     checkpointer = Checkpointer(run_dir / "checkpoints")
     if checkpointer.latest_step() is None:
         raise UserError(f"{run_dir}: no checkpoint yet")
-    abstract_state = jax.eval_shape(make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps), cfg.train.seed))
-    state, _ = checkpointer.restore(restore_target(abstract_state, make_strategy(dataclasses.replace(
-        cfg.train, strategy="single"))))
+    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} under the PPO optimizer
+        from genai_jax.rlhf import make_ppo_init_fn
+
+        init_fn = make_ppo_init_fn(cfg)
+    else:
+        init_fn = make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps),
+                               cfg.train.seed)
+    single = make_strategy(dataclasses.replace(cfg.train, strategy="single"))
+    state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), single))
     checkpointer.close()
-    return cfg, tokenizer, state.params
+    return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params

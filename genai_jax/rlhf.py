@@ -1,0 +1,360 @@
+"""Stage 3: RLHF with PPO against the reward model, held near the SFT model by a KL penalty.
+
+Four models: the policy (from SFT, trained), the value model (from the reward model, trained),
+the frozen reference (the SFT model) and the frozen reward model with its normalisation. Policy
+and value are one parameter pytree {"policy", "value"} under one optimizer, so the stage trains
+with the same `make_train_step` as every other; only the objective (`ppo`) differs.
+
+One iteration (one "step" of this stage): sample responses for a batch of prompts with the KV
+cache, score them (`experience`, one compiled function: log-probabilities under the policy and the
+reference, values, the normalised reward), compute per-token rewards and GAE advantages, then run
+`epochs` passes of `minibatches` optimizer updates over the batch. Everything a resumed run needs
+is in the checkpoint: params, optimizer state, PRNG key, the KL coefficient, the iteration (which
+fixes the prompts it draws), so a stopped run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from genai_jax import config as config_lib
+from genai_jax import reward as reward_lib
+from genai_jax import rundir
+from genai_jax.checkpoint import Checkpointer
+from genai_jax.config import RunConfig, UserError
+from genai_jax.data import world
+from genai_jax.evaluation import gold_eval, left_pad
+from genai_jax.model import GPT, count_params, init_params
+from genai_jax.objectives.bradley_terry import sequence_rewards
+from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, gae, kl_estimate, make_ppo_objective,
+                                      masked_mean, masked_whiten, policy_and_values)
+from genai_jax.optim import make_optimizer
+from genai_jax.parallel import Mesh, make_strategy, to_host
+from genai_jax.sampling import generate
+from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
+from genai_jax.train import TrainState, make_init_fn, make_train_step
+
+_PROMPT_BUCKET = 8
+
+
+def updates_per_iteration(cfg: RunConfig) -> int:
+    return cfg.ppo.epochs * cfg.ppo.minibatches
+
+
+def make_ppo_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    """AdamW for the policy at optim.lr and for the value model at ppo.value_lr (each clipped on
+    its own), with schedules over all the run's updates."""
+    total_updates = cfg.train.max_steps * updates_per_iteration(cfg)
+    value_lr = cfg.ppo.value_lr or cfg.optim.lr
+    value_optim = dataclasses.replace(cfg.optim, lr=value_lr, min_lr=cfg.optim.min_lr * value_lr / cfg.optim.lr)
+    return optax.multi_transform(
+        {"policy": make_optimizer(cfg.optim, total_updates), "value": make_optimizer(value_optim, total_updates)},
+        lambda params: {name: jax.tree.map(lambda _: name, tree) for name, tree in params.items()},
+    )
+
+
+def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
+    """TrainState init for {"policy", "value"}; with no params given, random ones of the right shape
+    (enough for `jax.eval_shape`, to restore checkpoints into)."""
+
+    def init(key):
+        policy_key, value_key = jax.random.split(key)
+        return {
+            "policy": init_params(cfg.model, policy_key, "lm") if policy_params is None else policy_params,
+            "value": init_params(cfg.model, value_key, "scalar") if value_params is None else value_params,
+        }
+
+    return make_init_fn(init, make_ppo_optimizer(cfg), cfg.train.seed)
+
+
+def response_mask(response: jax.Array, end_id: int) -> jax.Array:
+    """True on the response's tokens up to and including its first end-of-turn."""
+    is_end = (response == end_id).astype(jnp.int32)
+    return (jnp.cumsum(is_end, axis=1) - is_end) == 0
+
+
+@partial(jax.jit, static_argnames=("cfg", "end_id", "pad_id"))
+def experience(params, ref_params, reward_params, normalization, prompt, prompt_mask, response, beta, *,
+               cfg: RunConfig, end_id: int, pad_id: int):
+    """(train batch, per-sequence stats) for sampled responses [B, R] to left-padded prompts [B, P].
+
+    The response ends at its first end-of-turn (later tokens become padding). Per-token reward is
+    -beta * KL estimate, plus the sequence's score at its last token: the reward model's normalised
+    score, clipped, minus `no_end_penalty` if the turn never ended.
+    """
+    ppo = cfg.ppo
+    apply_fn = GPT(cfg.model).apply
+    in_response = response_mask(response, end_id)
+    ended = jnp.any(response == end_id, axis=1)
+    response = jnp.where(in_response, response, pad_id)
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, in_response], axis=1).astype(jnp.int32)
+    input_mask = mask[:, :-1]
+    action_mask = jnp.concatenate(
+        [jnp.zeros((prompt.shape[0], prompt.shape[1] - 1), jnp.float32), in_response.astype(jnp.float32)], axis=1)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0),
+        "segment_ids": input_mask,
+        "weights": action_mask,
+    }
+    logits, values = policy_and_values(apply_fn, params, batch, ppo.temperature)
+    logprobs = action_logprobs(logits, batch["targets"], ppo.temperature)
+    ref_logits = apply_fn(ref_params, batch["inputs"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"], deterministic=True, head="lm")
+    ref_logprobs = action_logprobs(ref_logits, batch["targets"], ppo.temperature)
+
+    proxy_reward = normalization["gain"] * sequence_rewards(apply_fn, reward_params, tokens, mask) + normalization["bias"]
+    score = jnp.clip(proxy_reward, -ppo.reward_clip, ppo.reward_clip) if ppo.reward_clip > 0 else proxy_reward
+    score = score - ppo.no_end_penalty * (1.0 - ended.astype(jnp.float32))
+    kl = kl_estimate(logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
+    last_action = jax.nn.one_hot(action_mask.shape[1] - 1 - jnp.argmax(action_mask[:, ::-1], axis=1),
+                                 action_mask.shape[1])
+    rewards = -beta * kl + score[:, None] * last_action
+    if ppo.whiten_rewards:
+        rewards = masked_whiten(rewards, action_mask, shift_mean=False)
+    values = values * action_mask
+    advantages, returns = gae(rewards, values, action_mask, ppo.gamma, ppo.lam)
+    batch |= {"old_logprobs": logprobs * action_mask, "old_values": values,
+              "advantages": masked_whiten(advantages, action_mask), "returns": returns}
+
+    mean_return = masked_mean(returns, action_mask)
+    return_variance = masked_mean((returns - mean_return) ** 2, action_mask)
+    error = returns - values
+    error_variance = masked_mean((error - masked_mean(error, action_mask)) ** 2, action_mask)
+    sequence_kl = jnp.sum(kl, axis=1)
+    stats = {
+        "proxy_reward": jnp.mean(proxy_reward),
+        "score": jnp.mean(score),
+        "kl": jnp.mean(sequence_kl),
+        "rl_reward": jnp.mean(score - beta * sequence_kl),
+        "response_tokens": jnp.mean(jnp.sum(action_mask, axis=1)),
+        "ended": jnp.mean(ended.astype(jnp.float32)),
+        "explained_variance": 1.0 - error_variance / jnp.maximum(return_variance, 1e-8),
+    }
+    return batch, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """Every prompt of the stage, encoded and left-padded to one length (one compiled shape)."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    problems: list[world.Problem] | None
+    """Task world: the problem behind each prompt, for the gold score of rollouts."""
+
+
+def load_prompts(cfg: RunConfig, tokenizer: Tokenizer) -> Prompts:
+    """Training-side task-world instructions, or the prompts of a JSONL file (--data.path)."""
+    from genai_jax.data.conversations import read_prompts_jsonl
+
+    source = cfg.data.resolved_source
+    problems = None
+    if source == "world":
+        problems = world.problems(cfg.data.seed + 6, cfg.data.world_chats)
+        chats = [world.chat(problem)[:1] for problem in problems]
+    elif source == "text":
+        chats = [[{"role": "user", "content": prompt}] for prompt in read_prompts_jsonl(cfg.data.path)]
+    else:
+        raise UserError(f"ppo takes prompts from the task world or --data.path FILE.jsonl, not data.source={source!r}")
+    encoded = [encode_chat(tokenizer, chat, generation_prompt=True)[0] for chat in chats]
+    longest = int(np.argmax([len(e) for e in encoded]))
+    room = cfg.model.context_len - cfg.ppo.max_new_tokens
+    if len(encoded[longest]) > room:
+        where = f"{cfg.data.path}: prompt {longest + 1}" if source == "text" else f"world prompt {longest + 1}"
+        raise UserError(f"{where} has {len(encoded[longest])} tokens; with ppo.max_new_tokens="
+                        f"{cfg.ppo.max_new_tokens} it exceeds model.context_len={cfg.model.context_len}")
+    prompt_len = min(-(-len(encoded[longest]) // _PROMPT_BUCKET) * _PROMPT_BUCKET, room)
+    tokens, mask = left_pad(encoded, prompt_len, tokenizer.pad_id)
+    return Prompts(tokens, mask, problems)
+
+
+def prompt_rows(num_prompts: int, batch_size: int, iteration: int, seed: int) -> np.ndarray:
+    """The prompts of one iteration: the next `batch_size` of a stream that visits every prompt once
+    per epoch in a fresh order. A function of the iteration alone, so a resumed run draws the same."""
+    stream = np.arange(iteration * batch_size, (iteration + 1) * batch_size)
+    epochs = stream // num_prompts
+    orders = {int(e): np.random.default_rng([seed, int(e)]).permutation(num_prompts) for e in np.unique(epochs)}
+    return np.array([orders[int(e)][i % num_prompts] for e, i in zip(epochs, stream)])
+
+
+def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    return a.vocab_size == b.vocab_size and all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+
+
+def load_models(cfg: RunConfig):
+    """(config with the policy's model, tokenizer, SFT params, reward params, normalisation),
+    refusing runs that cannot work together."""
+    from genai_jax.stages import load_trained
+
+    if not cfg.ppo.policy or not cfg.ppo.reward:
+        raise UserError("ppo needs --ppo.policy SFT_RUN and --ppo.reward REWARD_RUN")
+    policy_cfg, tokenizer, sft_params = load_trained(cfg.ppo.policy)
+    reward_cfg, reward_tokenizer, reward_params = load_trained(cfg.ppo.reward)
+    if policy_cfg.model.head != "lm":
+        raise UserError(f"--ppo.policy {cfg.ppo.policy} is not a policy run (model.head={policy_cfg.model.head})")
+    if reward_cfg.model.head != "scalar":
+        raise UserError(f"--ppo.reward {cfg.ppo.reward} is not a reward model run (model.head={reward_cfg.model.head})")
+    mismatched = [n for n in config_lib.diff(policy_cfg.model, reward_cfg.model) if n not in ("dropout", "head")]
+    if mismatched:
+        raise UserError(f"--ppo.reward {cfg.ppo.reward} and --ppo.policy {cfg.ppo.policy} differ in "
+                        f"{', '.join('model.' + n for n in mismatched)}")
+    if not _same_vocabulary(tokenizer, reward_tokenizer):
+        raise UserError(f"--ppo.reward {cfg.ppo.reward} and --ppo.policy {cfg.ppo.policy} use different tokenizers")
+    normalization = reward_lib.load_normalization(cfg.ppo.reward)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(policy_cfg.model, dropout=0.0, head="lm"))
+    return cfg, tokenizer, sft_params, reward_params, normalization
+
+
+def check_batches(cfg: RunConfig, divisor: int) -> int:
+    """Rows per minibatch, once the rollout batch splits evenly into minibatches and devices."""
+    batch, minibatches = cfg.train.batch_size, cfg.ppo.minibatches
+    if minibatches < 1 or batch % minibatches:
+        raise UserError(f"train.batch_size={batch} (prompts per iteration) does not split into "
+                        f"ppo.minibatches={minibatches}")
+    rows = batch // minibatches
+    if rows % (divisor * cfg.optim.grad_accum):
+        raise UserError(f"a minibatch of {rows} rows does not split over {divisor} device(s) x "
+                        f"optim.grad_accum={cfg.optim.grad_accum}")
+    return rows
+
+
+def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer) -> dict[str, float]:
+    """Held-out gold score of the policy (greedy decoding), on the task world only."""
+    if cfg.data.resolved_source != "world":
+        return {}
+    result = gold_eval(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, max_new_tokens=cfg.ppo.max_new_tokens)
+    return {f"val_{name}": result[name] for name in ("gold_score", "exact", "ended", "response_tokens")}
+
+
+def rollout_gold(prompts: Prompts, rows: np.ndarray, responses: np.ndarray, tokenizer: Tokenizer) -> dict:
+    """Gold score of the sampled responses themselves (the samples the reward model scored)."""
+    if prompts.problems is None:
+        return {}
+    scores = [world.gold_score(prompts.problems[row].instruction, decode_response(tokenizer, response)[0])
+              for row, response in zip(rows, responses)]
+    return {"gold_score": float(np.mean(scores))}
+
+
+class _Placement:
+    """Where rollout inputs go: sharded over the mesh under `mesh`, on the first device otherwise."""
+
+    def __init__(self, strategy):
+        self.mesh = strategy.mesh if isinstance(strategy, Mesh) else None
+        self.strategy = strategy
+
+    def params(self, tree):
+        return self.strategy.place_state(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
+
+    def rows(self, tree):
+        return self.strategy.place_batch(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
+
+    def context(self):
+        return jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext()
+
+
+def _mean_metrics(records: list[dict]) -> dict[str, float]:
+    return {name: float(np.mean([record[name] for record in records])) for name in records[0]}
+
+
+def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
+    """Stage 3: PPO on the policy of `ppo.policy` against the reward model of `ppo.reward`.
+    Returns the final metrics (the last iteration's record merged with the last evaluation)."""
+    from genai_jax.stages import final_record, open_run, restore_target
+
+    run_dir = Path(run_dir)
+    if jax.process_count() > 1:
+        raise UserError("ppo runs in one process for now (on any number of its local devices)")
+    cfg, tokenizer, sft_params, reward_params, normalization = load_models(cfg)
+    prompts = load_prompts(cfg, tokenizer)
+    strategy = make_strategy(cfg.train)
+    minibatch_rows = check_batches(cfg, strategy.batch_divisor)
+    cfg, _ = open_run(cfg, run_dir, tokenizer.save)
+
+    init_fn = make_ppo_init_fn(cfg, *(jax.tree.map(jnp.array, p) for p in (sft_params, reward_params)))
+    abstract_state = jax.eval_shape(init_fn)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, progress = checkpointer.restore(restore_target(abstract_state, strategy))
+        iteration, beta = int(progress["iteration"]), float(progress["beta"])
+    else:
+        state, iteration, beta = init_fn(), 0, cfg.ppo.kl_coef
+    state = strategy.place_state(state)
+    placement = _Placement(strategy)
+    ref_params, reward_params = placement.params(sft_params), placement.params(reward_params)
+    normalization = {name: jnp.float32(value) for name, value in normalization.items()}
+    objective = make_ppo_objective(
+        GPT(cfg.model).apply, clip_ratio=cfg.ppo.clip_ratio, clip_value=cfg.ppo.clip_value,
+        value_coef=cfg.ppo.value_coef, entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.ppo.temperature)
+    step_fn = strategy.compile(
+        make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum), abstract_state)
+    end_id = tokenizer.special_id(END)
+
+    writer = rundir.MetricsWriter(run_dir, iteration)
+    base_rng = to_host(strategy.state_to_host(state).rng)
+    if iteration == 0:
+        writer.write({"step": 0, "n_params": count_params(abstract_state.params),
+                      "prompts": len(prompts.tokens), "prompt_len": prompts.tokens.shape[1]})
+        writer.write({"step": 0, **evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)})
+    show = cfg.train.progress
+    bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)
+    while iteration < cfg.train.max_steps:
+        key = jax.random.fold_in(base_rng, iteration)
+        rows = prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed)
+        start = time.perf_counter()
+        with placement.context():
+            params = strategy.state_to_host(state).params
+            prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
+            response = generate(params["policy"], prompt, prompt_mask, key, cfg=cfg.model,
+                                max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
+                                top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p)
+            response = jax.block_until_ready(response)
+            generate_s = time.perf_counter() - start
+            batch, stats = experience(params, ref_params, reward_params, normalization, prompt, prompt_mask,
+                                      response, jnp.float32(beta), cfg=cfg, end_id=end_id, pad_id=tokenizer.pad_id)
+            batch, stats = jax.tree.map(np.asarray, (batch, stats))
+        train_start = time.perf_counter()
+        updates = []
+        for epoch in range(cfg.ppo.epochs):
+            order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(rows))
+            for m in range(cfg.ppo.minibatches):
+                chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
+                minibatch = strategy.place_batch({name: value[chosen] for name, value in batch.items()})
+                state, metrics = step_fn(state, minibatch, jax.random.fold_in(key, len(updates) + 1))
+                updates.append(metrics)
+        updates = [strategy.metrics_to_host(metrics) for metrics in updates]
+        train_s = time.perf_counter() - train_start
+        iteration += 1
+        record = {"step": iteration, **{k: float(v) for k, v in stats.items()}, "beta": beta,
+                  **rollout_gold(prompts, rows, np.asarray(response), tokenizer), **_mean_metrics(updates),
+                  "generate_s": generate_s, "train_s": train_s,
+                  "generate_tokens_per_s": response.size / generate_s}
+        if cfg.ppo.kl_target > 0:
+            beta = adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon, len(rows))
+        writer.write(record)
+        bar.update(1)
+        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+        if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
+            evaluation = evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)
+            if evaluation:
+                writer.write({"step": iteration, **evaluation})
+                bar.write(f"iteration {iteration}: held-out gold {100 * evaluation['val_gold_score']:.1f}/100")
+        if iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps:
+            checkpointer.save(iteration, strategy.state_to_host(state), {"iteration": iteration, "beta": beta})
+    checkpointer.wait()
+    checkpointer.close()
+    bar.close()
+    writer.close()
+    return final_record(run_dir)
