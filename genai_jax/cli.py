@@ -3,6 +3,8 @@
     genai-jax pretrain --preset NAME --run-dir DIR [--data.path FILE] [--<section>.<field> VALUE]
     genai-jax sft --init-from PRETRAIN_RUN --preset NAME --run-dir DIR [...the same flags]
     genai-jax reward --init-from SFT_RUN --preset NAME --run-dir DIR [...the same flags]
+    genai-jax ppo --ppo.policy SFT_RUN --ppo.reward REWARD_RUN --preset NAME --run-dir DIR [...]
+    genai-jax pipeline --preset NAME --run-dir DIR [--model.<field> VALUE]   (all four stages)
     genai-jax score --run REWARD_RUN --in FILE.jsonl --out OUT.jsonl
     genai-jax eval --run DIR                 (gold score on held-out world prompts)
     genai-jax generate --run DIR --prompt TEXT | --prompts FILE.jsonl [--out OUT.jsonl]
@@ -25,6 +27,7 @@ import tyro
 
 from genai_jax.config import (DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig, RunConfig,
                               TrainConfig, UserError, preset)
+from genai_jax.config import diff as config_diff
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,19 @@ class ScoreArgs:
     batch_size: int = 64
 
 
+@dataclass(frozen=True)
+class PipelineArgs:
+    """pretrain -> sft -> reward -> ppo on one preset into one directory; finished stages are
+    skipped, an unfinished one resumes; ends with a summary table (summary.json)."""
+
+    preset: str = "tiny"
+    run_dir: str = ""
+    """Directory holding base/, sft/, reward/ and ppo/ (default runs/<preset>-pipeline)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model flags apply to every stage (e.g. --model.n-layer 4)."""
+    gold_prompts: int = 200
+
+
 def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     """(config, run_dir) from `--preset NAME` defaults for `stage`, overridden by the other flags."""
     name = _preset_name(argv)
@@ -162,6 +178,19 @@ def cmd_ppo(argv: list[str]) -> None:
 
     cfg, run_dir = parse_stage(argv, "ppo")
     _print_final("ppo", run_dir, rlhf.ppo(cfg, run_dir))
+
+
+def cmd_pipeline(argv: list[str]) -> None:
+    from genai_jax import pipeline
+
+    name = _preset_name(argv)
+    base = preset(name, "pretrain")
+    args = tyro.cli(PipelineArgs, default=PipelineArgs(preset=name, model=base.model), args=argv,
+                    prog="genai-jax pipeline")
+    run_dir = args.run_dir or f"runs/{name}-pipeline"
+    model_changes = {n: getattr(args.model, n) for n in config_diff(base.model, args.model)}
+    configs = pipeline.pipeline_configs(name, run_dir, {"model": model_changes} if model_changes else None)
+    pipeline.run_pipeline(configs, run_dir, args.gold_prompts)
 
 
 def cmd_score(argv: list[str]) -> None:
@@ -278,6 +307,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "sft": cmd_sft,
     "reward": cmd_reward,
     "ppo": cmd_ppo,
+    "pipeline": cmd_pipeline,
     "score": cmd_score,
     "eval": cmd_eval,
     "generate": cmd_generate,

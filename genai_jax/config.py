@@ -87,6 +87,8 @@ class DataConfig:
     """Number of documents in the synthetic world's pretraining corpus."""
     world_chats: int = 8000
     """Number of instruction chats the synthetic world gives for SFT (held-out problems excluded)."""
+    demo_error: float = 0.3
+    """SFT, world data: the chance that a demonstration's answer is a near miss (demonstrators err)."""
     world_pairs: int = 3000
     """Reward model: preference pairs drawn from the world (SFT samples and perturbed answers)."""
     label_noise: float = 0.25
@@ -149,8 +151,8 @@ class PPOConfig:
     reward_clip: float = 5.0
     """Clip normalised scores to [-reward_clip, reward_clip] (0: off)."""
     whiten_rewards: bool = False
-    gold_prompts: int = 200
-    """Task world: held-out prompts for the gold score at each evaluation (greedy decoding)."""
+    gold_prompts: int = 400
+    """Task world: held-out prompts for the gold score at each evaluation."""
 
 
 @dataclass(frozen=True)
@@ -267,15 +269,15 @@ _GPT2_SMALL = RunConfig(
 STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
     "reward": {
         "tiny": {"model": {"head": "scalar"}, "optim": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "weight_decay": 0.0},
-                 "data": {"world_pairs": 8000},
+                 "data": {"world_pairs": 8000, "seq_len": 48},
                  "train": {"max_steps": 400, "eval_every": 100, "ckpt_every": 400, "sample_tokens": 0}},
         "*": {"model": {"head": "scalar"}, "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 50, "weight_decay": 0.0},
               "train": {"max_steps": 1000, "sample_tokens": 0}},
     },
     "ppo": {
-        "tiny": {"optim": {"lr": 1e-4, "min_lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.0},
-                 "ppo": {"max_new_tokens": 16, "value_lr": 3e-4},
-                 "train": {"batch_size": 64, "max_steps": 40, "eval_every": 10, "ckpt_every": 10}},
+        "tiny": {"optim": {"lr": 2e-5, "min_lr": 2e-5, "warmup_steps": 0, "weight_decay": 0.0},
+                 "ppo": {"max_new_tokens": 16, "value_lr": 1e-4},
+                 "train": {"batch_size": 64, "max_steps": 60, "eval_every": 20, "ckpt_every": 20}},
         "*": {"optim": {"lr": 1e-6, "min_lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0},
               "ppo": {"value_lr": 1e-5},
               "train": {"batch_size": 64, "max_steps": 200, "eval_every": 20, "ckpt_every": 20}},

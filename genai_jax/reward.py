@@ -1,7 +1,7 @@
 """Reward-model data from the synthetic world, batched scoring, and reward normalisation.
 
 World preference pairs: for a training problem, one response is sampled from the SFT policy and
-the other is either a second sample or a perturbed correct answer; the gold checker orders them
+the other is either a second sample or a near miss of the correct answer; the gold checker orders them
 (ties are skipped) and the order is flipped with probability `label_noise`, as human labels
 disagree. The gold order is kept beside the noisy one to measure agreement with the truth.
 
@@ -32,29 +32,6 @@ NORMALIZATION_FILE = "reward_normalization.json"
 _SAMPLE_TOKENS = 16
 
 
-def perturbed_answer(answer: str, rng: np.random.Generator) -> str:
-    """A near miss, never the answer itself: one character changed, dropped or inserted, or two
-    neighbours swapped, in the answer's own alphabet."""
-    alphabet = "0123456789" if answer.isdigit() else ("ABCDEFGHIJKLMNOPQRSTUVWXYZ" if answer.isupper()
-                                                     else "abcdefghijklmnopqrstuvwxyz")
-    while True:
-        chars = list(answer)
-        i = int(rng.integers(len(chars)))
-        op = rng.integers(4)
-        if op == 0:
-            chars[i] = alphabet[int(rng.integers(len(alphabet)))]
-        elif op == 1:
-            del chars[i]
-        elif op == 2:
-            chars.insert(i, alphabet[int(rng.integers(len(alphabet)))])
-        elif len(chars) > 1:
-            j = i + 1 if i + 1 < len(chars) else i - 1
-            chars[i], chars[j] = chars[j], chars[i]
-        candidate = "".join(chars)
-        if candidate != answer:
-            return candidate
-
-
 def world_preferences(cfg: RunConfig, policy_params, tokenizer: Tokenizer, problems: list[world.Problem],
                       seed: int) -> tuple[list[PreferenceGroup], list[bool]]:
     """(groups with noisy labels, whether each label agrees with gold) for `problems`."""
@@ -65,7 +42,7 @@ def world_preferences(cfg: RunConfig, policy_params, tokenizer: Tokenizer, probl
     second = respond(cfg, policy_params, tokenizer, chats, seed=seed + 1, **generation)
     groups, agrees = [], []
     for problem, chat, a, b in zip(problems, chats, first, second):
-        other = b.text if rng.random() < 0.5 else perturbed_answer(problem.answer, rng)
+        other = b.text if rng.random() < 0.5 else world.near_miss(problem.answer, rng)
         gold_a, gold_b = world.gold_score(problem.instruction, a.text), world.gold_score(problem.instruction, other)
         if gold_a == gold_b:
             continue

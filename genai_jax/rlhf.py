@@ -231,12 +231,17 @@ def check_batches(cfg: RunConfig, divisor: int) -> int:
     return rows
 
 
-def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer) -> dict[str, float]:
-    """Held-out gold score of the policy (greedy decoding), on the task world only."""
+def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer, seed: int = 0) -> dict[str, float]:
+    """Held-out gold score of the policy as PPO trains it (sampling at ppo.temperature: `val_*`)
+    and of its greedy decoding (`val_greedy_*`), on the task world only."""
     if cfg.data.resolved_source != "world":
         return {}
-    result = gold_eval(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, max_new_tokens=cfg.ppo.max_new_tokens)
-    return {f"val_{name}": result[name] for name in ("gold_score", "exact", "ended", "response_tokens")}
+    record = {}
+    for prefix, temperature in (("val_", cfg.ppo.temperature), ("val_greedy_", 0.0)):
+        result = gold_eval(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, seed=seed,
+                           max_new_tokens=cfg.ppo.max_new_tokens, temperature=temperature)
+        record |= {prefix + name: result[name] for name in ("gold_score", "exact", "ended", "response_tokens")}
+    return record
 
 
 def rollout_gold(prompts: Prompts, rows: np.ndarray, responses: np.ndarray, tokenizer: Tokenizer) -> dict:

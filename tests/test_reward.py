@@ -275,7 +275,7 @@ def test_preference_rows_of_pairs_and_a_ranking():
         assert int(np.argmin(np.where(rows["valid"][g], rows["rank"][g], 99))) == group.ranking[0]
 
 
-LONG = PreferenceGroup(user("what is 12 plus 30? " * 2), ("42", "43"), (0, 1))
+LONG = PreferenceGroup(user("how many letters are in abcdef? " * 2), ("6", "5"), (0, 1))
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
@@ -372,7 +372,7 @@ def test_bradley_terry_step_matches_single_device(make_strategy, single_bt_step)
 
 
 # ---------------------------------------------------------------------------------------------
-# Normalisation and perturbed answers
+# Normalisation and near misses
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -396,19 +396,19 @@ ANSWERS = sorted({p.answer for p in world.problems(0, 60) if len(p.answer) >= 2}
 ALPHABETS = [set(string.digits), set(string.ascii_uppercase), set(string.ascii_lowercase)]
 
 
-def test_perturbed_answer_keeps_the_alphabet():
+def test_near_miss_keeps_the_alphabet():
     assert {a.isdigit() for a in ANSWERS} == {True, False} and any(a.isupper() for a in ANSWERS)
     for answer in ANSWERS:
         alphabet = next(a for a in ALPHABETS if set(answer) <= a)
         for seed in range(300):
-            perturbed = reward.perturbed_answer(answer, np.random.default_rng(seed))
+            perturbed = world.near_miss(answer, np.random.default_rng(seed))
             assert perturbed and set(perturbed) <= alphabet, (answer, perturbed)
             assert abs(len(perturbed) - len(answer)) <= 1
 
 
-def test_perturbed_answer_never_returns_the_answer():
+def test_near_miss_never_returns_the_answer():
     same = {answer: [seed for seed in range(300)
-                     if reward.perturbed_answer(answer, np.random.default_rng(seed)) == answer]
+                     if world.near_miss(answer, np.random.default_rng(seed)) == answer]
             for answer in ANSWERS}
     assert not {answer: seeds[:3] for answer, seeds in same.items() if seeds}
 
@@ -521,8 +521,8 @@ def hand_rewards(cfg, params, tokenizer, chats) -> np.ndarray:
 def test_score_command(tmp_path, capsys, reward_run):
     problems = world.problems(9, 4, held_out=True)
     lines = [{"prompt": p.instruction, "response": response}
-             for p in problems for response in (p.answer, p.answer[::-1] + "1")]
-    multi = [{"role": "user", "content": "what is 1 plus 1?"}, {"role": "assistant", "content": "2"},
+             for p in problems for response in (p.answer, p.answer[::-1] + "3")]
+    multi = [{"role": "user", "content": "how many letters are in abc?"}, {"role": "assistant", "content": "3"},
              {"role": "user", "content": problems[0].instruction}, {"role": "assistant", "content": "no"}]
     lines.append({"messages": multi})
     path = tmp_path / "pairs.jsonl"
@@ -547,7 +547,7 @@ def test_score_command(tmp_path, capsys, reward_run):
 def test_score_writes_the_input_lines_with_a_score_added(tmp_path, capsys, reward_run):
     """What `score --out` promises: each input line as it was (its form and any other fields, such
     as an id to join on), plus "score"."""
-    lines = [{"id": 7, "prompt": "what is 1 plus 1?", "response": "2"},
+    lines = [{"id": 7, "prompt": "how many letters are in abc?", "response": "3"},
              {"messages": [{"role": "user", "content": "reverse the word abc"},
                            {"role": "assistant", "content": "cba"}]}]
     path = tmp_path / "in.jsonl"
@@ -560,7 +560,7 @@ def test_score_writes_the_input_lines_with_a_score_added(tmp_path, capsys, rewar
 
 def test_score_refuses_a_run_that_is_not_a_reward_model(tmp_path, capsys, sft_run):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"prompt": "what is 1 plus 1?", "response": "2"}) + "\n")
+    path.write_text(json.dumps({"prompt": "how many letters are in abc?", "response": "3"}) + "\n")
     code, _, err = run_cli(capsys, "score", "--run", sft_run, "--in", path, "--out", tmp_path / "out.jsonl")
     assert_one_error(code, err, str(sft_run), "not a reward model")
     assert not (tmp_path / "out.jsonl").exists()
@@ -577,7 +577,7 @@ def test_reward_on_an_hh_rlhf_file(tmp_path, capsys, sft_run):
     assert len(problems) == 32
     records = []
     for i, p in enumerate(problems):
-        earlier = (("Human", "what is 1 plus 1?"), ("Assistant", "2")) if i % 4 == 0 else ()
+        earlier = (("Human", "how many letters are in abc?"), ("Assistant", "3")) if i % 4 == 0 else ()
         records.append({"chosen": hh(*earlier, ("Human", p.instruction), ("Assistant", p.answer)),
                         "rejected": hh(*earlier, ("Human", p.instruction), ("Assistant", p.answer + p.answer[-1]))})
     path = tmp_path / "hh.jsonl"

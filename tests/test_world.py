@@ -6,15 +6,14 @@ import pytest
 
 from genai_jax.data import world
 
-ADD = world.Problem("add", ("12", "30"))
+COUNT = world.Problem("count", ("stone",))
 REVERSE = world.Problem("reverse", ("stone",))
 
 # Every statement template, parsed back into its problem (more specific templates first).
 _STATEMENT = re.compile(
-    r"the sum of (?P<add_a>\d+) and (?P<add_b>\d+) is \d+\."
-    r"|(?P<add_c>\d+) plus (?P<add_d>\d+) is \d+\."
-    r"|(?P<add_e>\d+)\+(?P<add_f>\d+)=\d+"
-    r"|what is (?P<add_g>\d+) plus (?P<add_h>\d+)\? \d+\."
+    r"(?P<count_a>[a-z]+) has \d+ letters\."
+    r"|there are \d+ letters in (?P<count_b>[a-z]+)\."
+    r"|how many letters are in (?P<count_c>[a-z]+)\? \d+\."
     r"|reverse the word (?P<reverse_c>[a-z]+) and you get [a-z]+\."
     r"|sort the letters of (?P<sort_c>[a-z]+) to get [a-z]+\."
     r"|write (?P<upper_c>[a-z]+) in capitals: [A-Z]+\."
@@ -42,7 +41,7 @@ def parse_corpus(text: str) -> list[tuple[world.Problem, str]]:
     return found
 
 
-@pytest.mark.parametrize("problem", [ADD, REVERSE, world.Problem("sort", ("pear",)), world.Problem("upper", ("ok",))],
+@pytest.mark.parametrize("problem", [COUNT, REVERSE, world.Problem("sort", ("pear",)), world.Problem("upper", ("ok",))],
                          ids=lambda problem: problem.task)
 def test_gold_score_is_one_for_the_answer_and_less_otherwise(problem):
     assert world.gold_score(problem.instruction, problem.answer) == 1.0
@@ -53,9 +52,10 @@ def test_gold_score_is_one_for_the_answer_and_less_otherwise(problem):
 
 
 def test_gold_score_partial_credit_by_position():
-    assert world.gold_score(ADD.instruction, "42") == 1.0
-    assert world.gold_score(ADD.instruction, "43") == pytest.approx(0.25)
-    assert world.gold_score(ADD.instruction, "24") == 0.0
+    assert world.gold_score(COUNT.instruction, "5") == 1.0
+    assert world.gold_score(COUNT.instruction, "4") == 0.0
+    assert world.gold_score(COUNT.instruction, "54") == pytest.approx(0.25)  # right digit, one too many
+    assert world.gold_score(REVERSE.instruction, "enost") == pytest.approx(0.5 * 3 / 5)
     assert world.gold_score(REVERSE.instruction, "enots") == 1.0
     assert world.gold_score(REVERSE.instruction, "enotsxxxxx") == pytest.approx(0.5 * 5 / 10)
 
@@ -91,10 +91,21 @@ def test_corpus_states_true_facts_of_training_problems_only():
         assert not problem.held_out, statement
         assert statement in renderings(problem), statement
 
-    # No held-out statement appears: all held-out additions, and held-out problems of every task.
+    # No held-out problem of any task is stated.
     corpus_statements = {statement for _, statement in statements}
-    additions = [world.Problem("add", (str(a), str(b))) for a in range(100) for b in range(100)]
-    held_out = [p for p in additions if p.held_out] + world.problems(seed=0, count=300, held_out=True)
-    assert len(held_out) > 1000
+    held_out = world.problems(seed=0, count=1200, held_out=True)
+    assert {p.task for p in held_out} == set(world.TASKS)
     for problem in held_out:
         assert not renderings(problem) & corpus_statements, problem
+
+
+def test_demonstrations_err_at_the_configured_rate_with_near_misses():
+    problems = world.problems(seed=4, count=2000)
+    chats = world.demonstrations(problems, error_rate=0.3, seed=1)
+    answers = [chat[1]["content"] for chat in chats]
+    wrong = [a != p.answer for p, a in zip(problems, answers)]
+    assert abs(sum(wrong) / len(wrong) - 0.3) < 0.03
+    assert all(chat[0]["content"] == p.instruction for p, chat in zip(problems, chats))
+    for p, answer in zip(problems, answers):
+        assert abs(len(answer) - len(p.answer)) <= 1 and answer  # a near miss, never empty
+    assert [c[1]["content"] for c in world.demonstrations(problems, 0.0, seed=1)] == [p.answer for p in problems]

@@ -92,7 +92,7 @@ def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dic
 
     source = cfg.resolved_source
     if source == "world":
-        train = [world.chat(p) for p in world.problems(cfg.seed + 2, cfg.world_chats)]
+        train = world.demonstrations(world.problems(cfg.seed + 2, cfg.world_chats), cfg.demo_error, cfg.seed + 8)
         val = [world.chat(p) for p in world.problems(cfg.seed + 3, _WORLD_VAL_CHATS, held_out=True)]
         return train, val
     if source == "text":

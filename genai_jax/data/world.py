@@ -1,9 +1,11 @@
 """The synthetic task world: the embedded default dataset, generated from a seed.
 
-A family of small tasks whose answers a program can check: adding two numbers, reversing,
-sorting and capitalising short words. From one generator come
+A family of small tasks whose answers a program can check: counting, reversing, sorting and
+capitalising the letters of short words. From one generator come
 - the pretraining corpus (`corpus`): the tasks' facts written as plain sentences;
-- instructions (`Problem.instruction` / `Problem.answer`) for supervised fine-tuning;
+- instructions (`Problem.instruction` / `Problem.answer`) for supervised fine-tuning, written by
+  demonstrators who sometimes slip (`demonstration`): the headroom that preferences, which are
+  easier to give than perfect answers, let RLHF recover;
 - `gold_score(instruction, response)`: the checker behind the gold reward.
 
 A problem is held out for evaluation by a hash of its canonical key, so no held-out problem
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("add", "reverse", "sort", "upper")
+TASKS = ("count", "reverse", "sort", "upper")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _HELD_OUT_MODULUS = 10
 
@@ -46,7 +48,7 @@ class Problem:
 
 
 _INSTRUCTIONS = {
-    "add": "what is {0} plus {1}?",
+    "count": "how many letters are in {0}?",
     "reverse": "reverse the word {0}",
     "sort": "sort the letters of {0}",
     "upper": "write {0} in capitals",
@@ -54,14 +56,13 @@ _INSTRUCTIONS = {
 
 
 def solve(task: str, args: tuple) -> str:
-    if task == "add":
-        return str(int(args[0]) + int(args[1]))
     word = args[0]
-    return {"reverse": word[::-1], "sort": "".join(sorted(word)), "upper": word.upper()}[task]
+    return {"count": str(len(word)), "reverse": word[::-1], "sort": "".join(sorted(word)),
+            "upper": word.upper()}[task]
 
 
 _INSTRUCTION_PATTERNS = {
-    "add": re.compile(r"what is (\d+) plus (\d+)\?"),
+    "count": re.compile(r"how many letters are in ([a-z]+)\?"),
     "reverse": re.compile(r"reverse the word ([a-z]+)"),
     "sort": re.compile(r"sort the letters of ([a-z]+)"),
     "upper": re.compile(r"write ([a-z]+) in capitals"),
@@ -70,8 +71,8 @@ _INSTRUCTION_PATTERNS = {
 # Plain-text facts for the corpus, some phrased like the instructions (so the corpus spells every
 # character an instruction uses) but never in the chat template: answering in it is SFT's job.
 _STATEMENTS = {
-    "add": ("{0} plus {1} is {answer}.", "the sum of {0} and {1} is {answer}.", "{0}+{1}={answer}",
-            "what is {0} plus {1}? {answer}."),
+    "count": ("{0} has {answer} letters.", "there are {answer} letters in {0}.",
+              "how many letters are in {0}? {answer}."),
     "reverse": ("{0} reversed is {answer}.", "the reverse of {0} is {answer}.",
                 "reverse the word {0} and you get {answer}."),
     "sort": ("{0} sorted is {answer}.", "the letters of {0} in order are {answer}.",
@@ -103,16 +104,45 @@ def gold_score(instruction: str, response: str) -> float:
     return 0.5 * matches / max(len(answer), len(response), 1)
 
 
-def chat(problem: Problem) -> list[dict]:
-    """The problem as an SFT conversation: the instruction and its answer."""
-    return [{"role": "user", "content": problem.instruction}, {"role": "assistant", "content": problem.answer}]
+def chat(problem: Problem, answer: str | None = None) -> list[dict]:
+    """The problem as an SFT conversation: the instruction and its answer (or `answer`)."""
+    return [{"role": "user", "content": problem.instruction},
+            {"role": "assistant", "content": problem.answer if answer is None else answer}]
+
+
+def near_miss(answer: str, rng: np.random.Generator) -> str:
+    """A near miss, never the answer itself: one character changed, dropped or inserted, or two
+    neighbours swapped, in the answer's own alphabet."""
+    alphabet = "0123456789" if answer.isdigit() else (_LETTERS.upper() if answer.isupper() else _LETTERS)
+    while True:
+        chars = list(answer)
+        i = int(rng.integers(len(chars)))
+        op = rng.integers(4)
+        if op == 0:
+            chars[i] = alphabet[int(rng.integers(len(alphabet)))]
+        elif op == 1 and len(chars) > 1:
+            del chars[i]
+        elif op == 2:
+            chars.insert(i, alphabet[int(rng.integers(len(alphabet)))])
+        elif len(chars) > 1:
+            j = i + 1 if i + 1 < len(chars) else i - 1
+            chars[i], chars[j] = chars[j], chars[i]
+        candidate = "".join(chars)
+        if candidate != answer:
+            return candidate
+
+
+def demonstrations(problems: list[Problem], error_rate: float, seed: int) -> list[list[dict]]:
+    """SFT conversations as fallible demonstrators write them: each answer is a near miss with
+    probability `error_rate`."""
+    rng = np.random.default_rng(seed)
+    return [chat(p, near_miss(p.answer, rng) if rng.random() < error_rate else None) for p in problems]
 
 
 def random_problem(rng: np.random.Generator) -> Problem:
     task = TASKS[rng.integers(len(TASKS))]
-    if task == "add":
-        return Problem(task, tuple(str(x) for x in rng.integers(0, 100, size=2)))
-    length = int(rng.integers(3, 7))
+    # Counted words run to 10 letters, so the corpus spells every digit.
+    length = int(rng.integers(1, 11)) if task == "count" else int(rng.integers(3, 7))
     return Problem(task, ("".join(rng.choice(list(_LETTERS), size=length)),))
 
 

@@ -1,0 +1,100 @@
+"""The whole recipe in one call: pretrain -> sft -> reward -> ppo into one directory.
+
+Each stage gets its own sub-directory (base/, sft/, reward/, ppo/) and its preset's per-stage
+config; a stage whose run already reached its last step is skipped, an unfinished one resumes.
+At the end every policy (base, SFT, PPO) is scored on the same held-out prompts, and a summary
+table is printed and saved as summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from genai_jax import config as config_lib
+from genai_jax import rundir
+from genai_jax.checkpoint import Checkpointer
+from genai_jax.config import RunConfig
+from genai_jax.evaluation import gold_eval
+
+STAGES = ("base", "sft", "reward", "ppo")
+SUMMARY_FILE = "summary.json"
+
+
+def pipeline_configs(preset_name: str, run_dir: str | Path, overrides: dict | None = None) -> dict[str, RunConfig]:
+    """Each stage's config: the preset for that stage, wired to the earlier stages' directories,
+    with `overrides` ({"model": {...}, ...}) applied to every stage."""
+    run_dir = Path(run_dir)
+    configs = {
+        "base": config_lib.preset(preset_name, "pretrain"),
+        "sft": config_lib.replace(config_lib.preset(preset_name, "sft"), train={"init_from": str(run_dir / "base")}),
+        "reward": config_lib.replace(config_lib.preset(preset_name, "reward"),
+                                     train={"init_from": str(run_dir / "sft")}),
+        "ppo": config_lib.replace(config_lib.preset(preset_name, "ppo"),
+                                  ppo={"policy": str(run_dir / "sft"), "reward": str(run_dir / "reward")}),
+    }
+    return {stage: config_lib.replace(cfg, **(overrides or {})) for stage, cfg in configs.items()}
+
+
+def finished(stage_dir: Path, cfg: RunConfig) -> bool:
+    """Whether a stage's run directory holds its final checkpoint (and, for the reward model, the
+    normalisation written after it)."""
+    from genai_jax.reward import NORMALIZATION_FILE
+
+    if not (stage_dir / rundir.CONFIG_FILE).exists():
+        return False
+    checkpointer = Checkpointer(stage_dir / "checkpoints")
+    last = checkpointer.latest_step()
+    checkpointer.close()
+    done = last is not None and last >= cfg.train.max_steps
+    return done and (cfg.model.head != "scalar" or (stage_dir / NORMALIZATION_FILE).exists())
+
+
+def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompts: int = 200) -> dict:
+    """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary."""
+    from genai_jax import rlhf, stages
+
+    runners = {"base": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "ppo": rlhf.ppo}
+    run_dir = Path(run_dir)
+    for stage in STAGES:
+        stage_dir = run_dir / stage
+        if finished(stage_dir, configs[stage]):
+            print(f"pipeline: {stage} already finished in {stage_dir}, skipping")
+            continue
+        print(f"pipeline: {stage} -> {stage_dir}")
+        runners[stage](configs[stage], stage_dir)
+    summary = summarize(run_dir, gold_prompts)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary))
+    return summary
+
+
+def summarize(run_dir: Path, gold_prompts: int) -> dict:
+    """Per stage: its final metrics of interest, and each policy's held-out gold score (greedy)."""
+    from genai_jax.stages import final_record, load_trained
+
+    final = {stage: final_record(run_dir / stage) for stage in STAGES}
+    summary = {
+        "base": {"val_loss": final["base"].get("val_loss")},
+        "sft": {"val_loss": final["sft"].get("val_loss")},
+        "reward": {name: final["reward"].get(name) for name in
+                   ("val_label_accuracy", "val_gold_accuracy", "val_label_gold_agreement")},
+        "ppo": {name: final["ppo"].get(name) for name in ("kl", "proxy_reward", "beta")},
+    }
+    for stage in ("base", "sft", "ppo"):
+        cfg, tokenizer, params = load_trained(run_dir / stage)
+        if cfg.data.resolved_source == "world":
+            result = gold_eval(cfg, params, tokenizer, gold_prompts, max_new_tokens=32)
+            summary[stage] |= {"gold_score": 100 * result["gold_score"], "exact": 100 * result["exact"]}
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as an aligned text table, one row per stage."""
+    columns = sorted({name for row in summary.values() for name in row})
+    rows = [["stage", *columns]] + [
+        [stage, *("" if summary[stage].get(c) is None else f"{summary[stage][c]:.4g}" for c in columns)]
+        for stage in summary
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns) + 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)

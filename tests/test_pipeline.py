@@ -1,0 +1,118 @@
+"""The whole recipe end to end (pretrain -> sft -> reward -> ppo) on a very small config, PPO's
+exact resume, and the errors of the ppo command."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import assert_one_error, assert_trees_close, run_cli, snapshot
+
+from genai_jax import config, pipeline, rlhf, rundir, stages
+
+SMALL = dict(n_layer=2, n_head=2, d_model=32, context_len=64)
+SHORT = dict(batch_size=8, max_steps=4, ckpt_every=4, eval_every=4, eval_batches=1, progress=False)
+STAGE_CHANGES = {
+    "base": dict(data=dict(world_docs=200), train=dict(SHORT, sample_tokens=0)),
+    "sft": dict(data=dict(world_chats=64), train=SHORT),
+    "reward": dict(data=dict(world_pairs=64), train=SHORT),
+    "ppo": dict(data=dict(world_chats=64), ppo=dict(epochs=2, minibatches=1, gold_prompts=16, max_new_tokens=8),
+                train=dict(batch_size=8, max_steps=2, eval_every=2, ckpt_every=2, progress=False)),
+}
+# Rollout timings differ between runs; everything else in a record must not.
+TIMINGS = ("generate_s", "train_s", "generate_tokens_per_s")
+
+
+def small_configs(run_dir) -> dict[str, config.RunConfig]:
+    configs = pipeline.pipeline_configs("tiny", run_dir, {"model": SMALL})
+    return {stage: config.replace(cfg, **STAGE_CHANGES[stage]) for stage, cfg in configs.items()}
+
+
+@pytest.fixture(scope="module")
+def finished_pipeline(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    summary = pipeline.run_pipeline(small_configs(run_dir), run_dir, gold_prompts=16)
+    return run_dir, summary
+
+
+def test_pipeline_runs_every_stage_and_summarises(finished_pipeline, capsys):
+    run_dir, summary = finished_pipeline
+    for stage in pipeline.STAGES:
+        assert pipeline.finished(run_dir / stage, small_configs(run_dir)[stage]), stage
+    assert set(summary) == set(pipeline.STAGES)
+    for stage in ("base", "sft", "ppo"):
+        assert 0.0 <= summary[stage]["gold_score"] <= 100.0 and 0.0 <= summary[stage]["exact"] <= 100.0
+    assert 0.0 <= summary["reward"]["val_gold_accuracy"] <= 1.0
+    assert np.isfinite(summary["ppo"]["kl"]) and np.isfinite(summary["base"]["val_loss"])
+    ppo_records = rundir.read_metrics(run_dir / "ppo")
+    assert [r["step"] for r in ppo_records if "proxy_reward" in r] == [1, 2]
+    # The stages are wired: ppo starts from this pipeline's sft and reward runs.
+    ppo_cfg = rundir.read_config(run_dir / "ppo")
+    assert (ppo_cfg.ppo.policy, ppo_cfg.ppo.reward) == (str(run_dir / "sft"), str(run_dir / "reward"))
+    assert rundir.read_config(run_dir / "reward").train.init_from == str(run_dir / "sft")
+
+
+def test_pipeline_skips_finished_stages(finished_pipeline, capsys):
+    run_dir, summary = finished_pipeline
+    before = {stage: snapshot(run_dir / stage / "checkpoints") for stage in pipeline.STAGES}
+    capsys.readouterr()
+    again = pipeline.run_pipeline(small_configs(run_dir), run_dir, gold_prompts=16)
+    out = capsys.readouterr().out
+    assert out.count("already finished") == len(pipeline.STAGES)
+    assert {stage: snapshot(run_dir / stage / "checkpoints") for stage in pipeline.STAGES} == before
+    assert again == summary  # the same policies, the same greedy evaluation
+    table = pipeline.format_summary(summary)
+    assert all(line.split()[0] in ("stage", *pipeline.STAGES) for line in table.splitlines())
+
+
+def test_ppo_resumes_exactly(finished_pipeline, tmp_path):
+    """Stop after iteration 2 of 4, relaunch: the same records and the same final policy as a run
+    that never stopped (policy, value, optimizer, KL controller, PRNG and prompt stream)."""
+    run_dir, _ = finished_pipeline
+    cfg = config.replace(small_configs(run_dir)["ppo"], train=dict(max_steps=4, ckpt_every=2, keep_checkpoints=5),
+                         ppo=dict(kl_target=1.0, kl_horizon=100))  # beta changes every iteration
+    rlhf.ppo(cfg, tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for step in ("3", "4"):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step, ignore_errors=True)
+    rlhf.ppo(cfg, tmp_path / "resumed")
+
+    def records(name):
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_metrics(tmp_path / name)]
+
+    straight, resumed = records("straight"), records("resumed")
+    assert [r["step"] for r in straight if "proxy_reward" in r] == [1, 2, 3, 4]
+    assert len({r["beta"] for r in straight if "beta" in r}) == 4
+    assert resumed == straight
+    assert_trees_close(stages.load_trained(tmp_path / "resumed")[2], stages.load_trained(tmp_path / "straight")[2],
+                       rtol=0, atol=0)
+
+
+def test_ppo_refuses_runs_of_the_wrong_kind(finished_pipeline, tmp_path, capsys):
+    run_dir, _ = finished_pipeline
+    flags = ["--train.no-progress", "--run-dir", tmp_path / "ppo"]
+    code, _, err = run_cli(capsys, "ppo", *flags)
+    assert_one_error(code, err, "--ppo.policy", "--ppo.reward")
+    code, _, err = run_cli(capsys, "ppo", "--ppo.policy", run_dir / "reward", "--ppo.reward", run_dir / "reward", *flags)
+    assert_one_error(code, err, str(run_dir / "reward"), "not a policy run")
+    code, _, err = run_cli(capsys, "ppo", "--ppo.policy", run_dir / "sft", "--ppo.reward", run_dir / "sft", *flags)
+    assert_one_error(code, err, str(run_dir / "sft"), "not a reward model run")
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_ppo_batch_must_split_into_minibatches(finished_pipeline, tmp_path):
+    run_dir, _ = finished_pipeline
+    cfg = config.replace(small_configs(run_dir)["ppo"], ppo=dict(minibatches=3))
+    with pytest.raises(config.UserError, match="ppo.minibatches=3"):
+        rlhf.ppo(cfg, tmp_path / "ppo")
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_a_ppo_run_loads_as_its_policy(finished_pipeline):
+    run_dir, _ = finished_pipeline
+    cfg, _, params = stages.load_trained(run_dir / "ppo")
+    sft_params = stages.load_trained(run_dir / "sft")[2]
+    assert cfg.model.head == "lm"
+    assert jax.tree.structure(params) == jax.tree.structure(sft_params)
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), params, sft_params))
+    assert any(changed)  # PPO moved the policy
