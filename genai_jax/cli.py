@@ -325,11 +325,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"usage: genai-jax <command> [flags]   commands: {known}\n"
               "       genai-jax <command> --help   shows a command's flags")
         return
+    from genai_jax.train import Preempted
+
     try:
+        from genai_jax import distributed
+
+        distributed.initialize()
         COMMANDS[argv[0]](argv[1:])
     except UserError as err:
         print(f"genai-jax: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        print(f"genai-jax: {stop}; relaunch the same command to resume", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: schedulers restart the job rather than mark it done
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ class OptimConfig:
     clip_norm: float = 1.0
     grad_accum: int = 1
     """Micro-batches per step; the batch is split and gradients summed inside one compiled step."""
+    moments_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Adam's first moment (mu) dtype; bfloat16 halves its memory. The second moment (nu) stays
+    float32: optax's adamw offers no dtype for it."""
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ def decay_mask(params, decay_embeddings: bool = False):
 
 
 def make_optimizer(cfg: OptimConfig, max_steps: int) -> optax.GradientTransformation:
+    """Clipped AdamW; its first moment is kept in `cfg.moments_dtype` (the second in float32)."""
     adamw = optax.adamw(
         learning_rate=schedule(cfg, max_steps),
         b1=cfg.b1,
         b2=cfg.b2,
         eps=cfg.eps,
+        mu_dtype=cfg.moments_dtype,
         weight_decay=cfg.weight_decay,
         mask=lambda params: decay_mask(params, cfg.decay_embeddings),
     )

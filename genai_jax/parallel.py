@@ -1,9 +1,9 @@
 """Compile strategies for the one train step: `single` (jit), `mesh` (jit + NamedSharding), `pmap`.
 
 A strategy knows how to place the state and a host batch on devices, how to compile a step
-`fn(state, batch, rng)`, and how to bring state and metrics back to the host. The step itself is
-the same function under all three; only `reduce` differs (identity under jit, where arrays are
-global; `lax.pmean` over "data" under pmap).
+`fn(state, batch, rng)` (on first call, or ahead of time for example arguments), and how to bring
+state and metrics back to the host. The step itself is the same function under all three; only
+`reduce` differs (identity under jit, where arrays are global; `lax.pmean` over "data" under pmap).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from genai_jax.config import TrainConfig, UserError
@@ -25,9 +26,59 @@ def identity(tree):
     return tree
 
 
+def compile_ahead(jitted, example: tuple | None):
+    """`jitted` compiled now for arguments like `example`: a `jax.stages.Compiled`, so shape errors
+    and a step too big for the device fail before training, and `memory_mib` can read its buffers.
+    Without an example, `jitted` itself (compiled on first call)."""
+    return jitted if example is None else jitted.lower(*example).compile()
+
+
+def memory_mib(compiled) -> dict[str, float] | None:
+    """Per-device MiB of a compiled step's buffers from XLA's buffer assignment, and `peak`, what
+    it holds at once (outputs aliasing donated arguments counted once); None where the backend
+    reports nothing."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    sizes = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+             "temp": stats.temp_size_in_bytes, "code": stats.generated_code_size_in_bytes}
+    sizes["peak"] = sum(sizes.values()) - stats.alias_size_in_bytes
+    return {name: size / 2**20 for name, size in sizes.items()}
+
+
+def check_fits(memory: dict[str, float] | None, device) -> None:
+    """Refuse a step needing more than `device`'s free memory before it first runs (XLA on GPU
+    compiles one anyway and fails at its first allocation; the TPU compiler refuses it itself).
+    The arguments are on the device already; backends without memory stats (CPU) pass."""
+    stats = device.memory_stats()
+    if memory is None or not stats or "bytes_limit" not in stats:
+        return
+    free = (stats["bytes_limit"] - stats["bytes_in_use"]) / 2**20
+    needed = memory["peak"] - memory["arguments"]
+    if needed > free:
+        raise UserError(
+            f"the train step needs {needed:,.0f} MiB more per device than the {free:,.0f} MiB free on "
+            f"{device.device_kind}; lower train.batch_size, raise optim.grad_accum or set model.remat"
+        )
+
+
 def to_host(tree) -> Any:
     """Numpy copies of (possibly sharded, possibly multi-process) replicated arrays."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def host_copy(tree) -> Any:
+    """`tree` whole on every process: unchanged with one process; with several, numpy copies of
+    arrays that may be sharded across processes (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (nothing with one): no process passes until all reach it."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 class Single:
@@ -47,16 +98,19 @@ class Single:
     def place_batch(self, batch):
         return jax.device_put(batch, self.device)
 
-    def compile(self, step_fn: Callable, abstract_state=None):
-        """`step_fn(state, batch, rng) -> (state, metrics)`, the state donated."""
-        return jax.jit(step_fn, donate_argnums=(0,))
+    def compile(self, step_fn: Callable, abstract_state=None, example: tuple | None = None):
+        """`step_fn(state, batch, rng) -> (state, metrics)`, the state donated; compiled now when
+        given `example` arguments (see `compile_ahead`)."""
+        return compile_ahead(jax.jit(step_fn, donate_argnums=(0,)), example)
 
     def compile_eval(self, eval_fn: Callable, abstract_state=None):
         """`eval_fn(state, batch, rng) -> metrics`."""
         return jax.jit(eval_fn)
 
     def compile_init(self, init_fn: Callable, abstract_state):
-        return jax.jit(init_fn)
+        # Committed to the device like the states steps return, so the first step's output does
+        # not trigger a second compilation of the eval step.
+        return jax.jit(init_fn, out_shardings=jax.sharding.SingleDeviceSharding(self.device))
 
     def state_to_host(self, state):
         return state
@@ -109,6 +163,8 @@ class Mesh:
         return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, self.fsdp)), abstract_state)
 
     def place_state(self, state):
+        if jax.process_count() > 1:  # arrays on one local device cannot move to other hosts: via numpy
+            state = jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True) else x, state)
         return jax.device_put(state, self.state_sharding(state))
 
     def place_batch(self, batch):
@@ -121,14 +177,18 @@ class Mesh:
 
         return run
 
-    def compile(self, step_fn: Callable, abstract_state):
+    def compile(self, step_fn: Callable, abstract_state, example: tuple | None = None):
         state_sharding = self.state_sharding(abstract_state)
-        return self._under_mesh(jax.jit(
+        jitted = jax.jit(
             step_fn,
             in_shardings=(state_sharding, self.batch_sharding, self.replicated),
             out_shardings=(state_sharding, self.replicated),
             donate_argnums=(0,),
-        ))
+        )
+        if example is None:
+            return self._under_mesh(jitted)
+        with jax.set_mesh(self.mesh):  # tracing needs the mesh; the compiled step does not
+            return compile_ahead(jitted, example)
 
     def compile_eval(self, eval_fn: Callable, abstract_state):
         return self._under_mesh(jax.jit(
@@ -177,8 +237,8 @@ class Pmap:
         return jax.pmap(per_device, axis_name=PMAP_AXIS, in_axes=(0, 0, None),
                         donate_argnums=(0,) if donate else (), devices=self.devices)
 
-    def compile(self, step_fn: Callable, abstract_state=None):
-        return self._pmap(step_fn, donate=True)
+    def compile(self, step_fn: Callable, abstract_state=None, example: tuple | None = None):
+        return compile_ahead(self._pmap(step_fn, donate=True), example)
 
     def compile_eval(self, eval_fn: Callable, abstract_state=None):
         return self._pmap(eval_fn, donate=False)

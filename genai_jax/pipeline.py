@@ -2,8 +2,8 @@
 
 Each stage gets its own sub-directory (base/, sft/, reward/, ppo/) and its preset's per-stage
 config; a stage whose run already reached its last step is skipped, an unfinished one resumes.
-At the end every policy (base, SFT, PPO) is scored on the same held-out prompts, and a summary
-table is printed and saved as summary.json.
+At the end every policy (base, SFT, PPO) is scored on the same held-out prompts, sampled and
+greedy, and a summary table is printed and saved as summary.json.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompt
 
 
 def summarize(run_dir: Path, gold_prompts: int) -> dict:
-    """Per stage: its final metrics of interest, and each policy's held-out gold score (greedy)."""
+    """Per stage: its final metrics of interest, and each policy's held-out gold score (0-100),
+    sampled at temperature 1 (the policy PPO trains) and greedy."""
     from genai_jax.stages import final_record, load_trained
 
     final = {stage: final_record(run_dir / stage) for stage in STAGES}
@@ -83,9 +84,11 @@ def summarize(run_dir: Path, gold_prompts: int) -> dict:
     }
     for stage in ("base", "sft", "ppo"):
         cfg, tokenizer, params = load_trained(run_dir / stage)
-        if cfg.data.resolved_source == "world":
-            result = gold_eval(cfg, params, tokenizer, gold_prompts, max_new_tokens=32)
-            summary[stage] |= {"gold_score": 100 * result["gold_score"], "exact": 100 * result["exact"]}
+        if cfg.data.resolved_source != "world":
+            continue
+        for name, temperature in (("gold_sampled", 1.0), ("gold_greedy", 0.0)):
+            result = gold_eval(cfg, params, tokenizer, gold_prompts, max_new_tokens=32, temperature=temperature)
+            summary[stage][name] = 100 * result["gold_score"]
     return summary
 
 

@@ -42,7 +42,7 @@ from genai_jax.optim import make_optimizer
 from genai_jax.parallel import Mesh, make_strategy, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
-from genai_jax.train import TrainState, make_init_fn, make_train_step
+from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
 
 _PROMPT_BUCKET = 8
 
@@ -270,8 +270,36 @@ class _Placement:
         return jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext()
 
 
-def _mean_metrics(records: list[dict]) -> dict[str, float]:
-    return {name: float(np.mean([record[name] for record in records])) for name in records[0]}
+def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.ndarray, beta: float, key,
+            placement: "_Placement", *, end_id: int, pad_id: int):
+    """(sampled responses, train batch, stats, timings) of one iteration's prompts, on the host."""
+    start = time.perf_counter()
+    prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
+    response = jax.block_until_ready(generate(
+        params["policy"], prompt, prompt_mask, key, cfg=cfg.model, max_new_tokens=cfg.ppo.max_new_tokens,
+        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p))
+    generate_s = time.perf_counter() - start
+    batch, stats = experience(params, frozen["reference"], frozen["reward"], frozen["normalization"], prompt,
+                              prompt_mask, response, jnp.float32(beta), cfg=cfg, end_id=end_id, pad_id=pad_id)
+    response, batch, stats = jax.tree.map(np.asarray, (response, batch, stats))
+    timings = {"generate_s": generate_s, "experience_s": time.perf_counter() - start - generate_s,
+               "generate_tokens_per_s": response.size / generate_s}
+    return response, batch, {name: float(value) for name, value in stats.items()}, timings
+
+
+def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration: int, key, minibatch_rows: int):
+    """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch, one
+    train step each. Returns the state and the updates' mean metrics."""
+    updates = []
+    for epoch in range(cfg.ppo.epochs):
+        order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(batch["inputs"]))
+        for m in range(cfg.ppo.minibatches):
+            chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
+            minibatch = strategy.place_batch({name: value[chosen] for name, value in batch.items()})
+            state, metrics = step_fn(state, minibatch, jax.random.fold_in(key, len(updates) + 1))
+            updates.append(metrics)
+    updates = [strategy.metrics_to_host(metrics) for metrics in updates]
+    return state, {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
 
 
 def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
@@ -298,14 +326,13 @@ def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
         state, iteration, beta = init_fn(), 0, cfg.ppo.kl_coef
     state = strategy.place_state(state)
     placement = _Placement(strategy)
-    ref_params, reward_params = placement.params(sft_params), placement.params(reward_params)
-    normalization = {name: jnp.float32(value) for name, value in normalization.items()}
+    frozen = {"reference": placement.params(sft_params), "reward": placement.params(reward_params),
+              "normalization": {name: jnp.float32(value) for name, value in normalization.items()}}
     objective = make_ppo_objective(
         GPT(cfg.model).apply, clip_ratio=cfg.ppo.clip_ratio, clip_value=cfg.ppo.clip_value,
         value_coef=cfg.ppo.value_coef, entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.ppo.temperature)
     step_fn = strategy.compile(
         make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum), abstract_state)
-    end_id = tokenizer.special_id(END)
 
     writer = rundir.MetricsWriter(run_dir, iteration)
     base_rng = to_host(strategy.state_to_host(state).rng)
@@ -315,49 +342,41 @@ def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
         writer.write({"step": 0, **evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)})
     show = cfg.train.progress
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)
-    while iteration < cfg.train.max_steps:
-        key = jax.random.fold_in(base_rng, iteration)
-        rows = prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed)
-        start = time.perf_counter()
-        with placement.context():
-            params = strategy.state_to_host(state).params
-            prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
-            response = generate(params["policy"], prompt, prompt_mask, key, cfg=cfg.model,
-                                max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
-                                top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p)
-            response = jax.block_until_ready(response)
-            generate_s = time.perf_counter() - start
-            batch, stats = experience(params, ref_params, reward_params, normalization, prompt, prompt_mask,
-                                      response, jnp.float32(beta), cfg=cfg, end_id=end_id, pad_id=tokenizer.pad_id)
-            batch, stats = jax.tree.map(np.asarray, (batch, stats))
-        train_start = time.perf_counter()
-        updates = []
-        for epoch in range(cfg.ppo.epochs):
-            order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(rows))
-            for m in range(cfg.ppo.minibatches):
-                chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
-                minibatch = strategy.place_batch({name: value[chosen] for name, value in batch.items()})
-                state, metrics = step_fn(state, minibatch, jax.random.fold_in(key, len(updates) + 1))
-                updates.append(metrics)
-        updates = [strategy.metrics_to_host(metrics) for metrics in updates]
-        train_s = time.perf_counter() - train_start
-        iteration += 1
-        record = {"step": iteration, **{k: float(v) for k, v in stats.items()}, "beta": beta,
-                  **rollout_gold(prompts, rows, np.asarray(response), tokenizer), **_mean_metrics(updates),
-                  "generate_s": generate_s, "train_s": train_s,
-                  "generate_tokens_per_s": response.size / generate_s}
-        if cfg.ppo.kl_target > 0:
-            beta = adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon, len(rows))
-        writer.write(record)
-        bar.update(1)
-        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
-        if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
-            evaluation = evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)
-            if evaluation:
-                writer.write({"step": iteration, **evaluation})
-                bar.write(f"iteration {iteration}: held-out gold {100 * evaluation['val_gold_score']:.1f}/100")
-        if iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps:
-            checkpointer.save(iteration, strategy.state_to_host(state), {"iteration": iteration, "beta": beta})
+
+    def save():
+        checkpointer.save(iteration, strategy.state_to_host(state), {"iteration": iteration, "beta": beta})
+
+    with PreemptionGuard() as guard:
+        while iteration < cfg.train.max_steps:
+            key = jax.random.fold_in(base_rng, iteration)
+            rows = prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed)
+            with placement.context():
+                response, batch, stats, timings = rollout(
+                    cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
+                    end_id=tokenizer.special_id(END), pad_id=tokenizer.pad_id)
+            start = time.perf_counter()
+            state, updates = ppo_updates(state, batch, step_fn, strategy, cfg, iteration, key, minibatch_rows)
+            iteration += 1
+            record = {"step": iteration, **stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer),
+                      **updates, **timings, "train_s": time.perf_counter() - start}
+            if cfg.ppo.kl_target > 0:
+                beta = adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon, len(rows))
+            writer.write(record)
+            bar.update(1)
+            bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+            if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
+                evaluation = evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)
+                if evaluation:
+                    writer.write({"step": iteration, **evaluation})
+                    bar.write(f"iteration {iteration}: held-out gold {100 * evaluation['val_gold_score']:.1f}/100")
+            saved = iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps
+            if saved:
+                save()
+            if iteration < cfg.train.max_steps and guard.requested:
+                if not saved:
+                    save()
+                checkpointer.wait()
+                raise Preempted(iteration, str(checkpointer.manager.directory))
     checkpointer.wait()
     checkpointer.close()
     bar.close()

@@ -24,7 +24,7 @@ from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
-from genai_jax.parallel import Mesh, make_strategy, to_host
+from genai_jax.parallel import Mesh, check_fits, host_copy, make_strategy, memory_mib, sync_processes, to_host
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
@@ -70,18 +70,23 @@ def restore_target(abstract_state, strategy):
 def open_run(cfg: RunConfig, run_dir: Path, new_tokenizer) -> tuple[RunConfig, Tokenizer]:
     """(config with vocab filled in, tokenizer) of a new run directory, where
     `new_tokenizer(run_dir)` saves the tokenizer, or of an existing one checked for compatibility.
-    A refused run directory is left exactly as it was."""
-    if (run_dir / rundir.CONFIG_FILE).exists():
+    A refused run directory is left exactly as it was. With several processes, all of them look
+    before process 0 writes, and the others read what it wrote."""
+    resuming = (run_dir / rundir.CONFIG_FILE).exists()
+    foreign = not resuming and run_dir.exists() and any(run_dir.iterdir())
+    sync_processes("open_run: looked")
+    if resuming:
         tokenizer = load_tokenizer(run_dir)
         cfg = with_vocab(cfg, tokenizer)
         rundir.check_resumable(run_dir, cfg)
         return cfg, tokenizer
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if foreign:
         raise UserError(f"{run_dir} is not empty and holds no {rundir.CONFIG_FILE}; choose another --run-dir")
-    tokenizer = new_tokenizer(run_dir)
-    cfg = with_vocab(cfg, tokenizer)
-    rundir.write_config(run_dir, cfg)
-    return cfg, tokenizer
+    if jax.process_index() == 0:
+        rundir.write_config(run_dir, with_vocab(cfg, new_tokenizer(run_dir)))
+    sync_processes("open_run: written")
+    tokenizer = load_tokenizer(run_dir)
+    return with_vocab(cfg, tokenizer), tokenizer
 
 
 def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, val_source,
@@ -91,7 +96,9 @@ def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, 
     `make_objective(apply_fn, deterministic)` builds the stage's objective; train_source and
     val_source are random-access records of one LM row each. The state starts from
     `initial_params` (a fine-tuning stage) or from a fresh init, unless the run directory holds a
-    checkpoint, which always wins. Returns the final state.
+    checkpoint, which always wins. The train step is compiled ahead of time, so a step too big for
+    the device fails before training; its memory is printed and logged at step 0
+    (`step_memory_mib`, per device). Returns the final state.
     """
     strategy = make_strategy(cfg.train)
     batch_size = loader.per_process_batch(cfg.train.batch_size, strategy.batch_divisor * cfg.optim.grad_accum)
@@ -118,31 +125,41 @@ def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, 
         state = strategy.compile_init(init_fn, abstract_state)()
     start_step = int(to_host(strategy.state_to_host(state).step))
 
+    example_batch = jax.tree.map(lambda x: np.zeros((batch_size, *np.shape(x)), np.asarray(x).dtype),
+                                 train_source[0])
     step_fn = strategy.compile(
         make_train_step(make_objective(model.apply, False), optimizer, strategy.reduce, cfg.optim.grad_accum),
         abstract_state,
+        example=(state, strategy.place_batch(example_batch), jax.random.PRNGKey(0)),
     )
+    memory = memory_mib(step_fn)
+    check_fits(memory, jax.local_devices()[0])
+    if jax.process_index() == 0:
+        print("train step memory per device: " + ("not reported by this backend" if memory is None else
+                                                  ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in memory.items())))
     eval_fn = strategy.compile_eval(make_eval_step(make_objective(model.apply, True), strategy.reduce), abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params),
                       "n_params_non_embedding": count_params(abstract_state.params, embeddings=False),
-                      **(summary or {})})
-    state = fit(
-        state,
-        step_fn=step_fn,
-        eval_fn=eval_fn,
-        strategy=strategy,
-        train_iter=train_iter,
-        val_batches=val_batches,
-        checkpointer=checkpointer,
-        writer=writer,
-        cfg=cfg.train,
-        tokens_per_step=cfg.train.batch_size * seq_len(cfg),
-        lr_fn=schedule(cfg.optim, cfg.train.max_steps),
-    )
-    writer.close()
-    checkpointer.close()
+                      **({} if memory is None else {"step_memory_mib": memory["peak"]}), **(summary or {})})
+    try:  # closed on preemption too, so TensorBoard gets every record
+        state = fit(
+            state,
+            step_fn=step_fn,
+            eval_fn=eval_fn,
+            strategy=strategy,
+            train_iter=train_iter,
+            val_batches=val_batches,
+            checkpointer=checkpointer,
+            writer=writer,
+            cfg=cfg.train,
+            tokens_per_step=cfg.train.batch_size * seq_len(cfg),
+            lr_fn=schedule(cfg.optim, cfg.train.max_steps),
+        )
+    finally:
+        writer.close()
+        checkpointer.close()
     return strategy.state_to_host(state)
 
 
@@ -168,10 +185,12 @@ def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
         cfg, run_dir, make_objective=make_lm_objective, train_source=loader.TokenWindows(train_tokens, length),
         val_source=val_source, summary={"train_tokens": len(train_tokens)},
     )
+    if cfg.train.sample_tokens:
+        params = host_copy(state.params)  # a collective: every process takes part
     if cfg.train.sample_tokens and jax.process_index() == 0:
         prompt = val_tokens[:1] if len(val_tokens) else train_tokens[:1]
         new = min(cfg.train.sample_tokens, cfg.model.context_len - 1)
-        sample = sample_text(cfg, state.params, tokenizer, prompt, new, seed=cfg.train.seed)
+        sample = sample_text(cfg, params, tokenizer, prompt, new, seed=cfg.train.seed)
         (run_dir / "samples.txt").write_text(sample + "\n")
     return final_record(run_dir)
 
@@ -251,6 +270,7 @@ def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
         initial_params=with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(cfg.train.seed + 1)),
         summary=stats,
     )
+    reward_params = host_copy(state.params)  # a collective: every process takes part
     if jax.process_index() != 0:
         return {}
     # Normalise on the policy's samples for training prompts; check on a second, independent draw.
@@ -261,13 +281,13 @@ def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
         for offset in (11, 13)
     )
     normalization = reward_lib.fit_normalization(
-        reward_lib.raw_scores(cfg, state.params, tokenizer, prompts, fit_samples))
+        reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
     reward_lib.save_normalization(run_dir, normalization)
-    check = reward_lib.scores(cfg, state.params, tokenizer, prompts, check_samples, normalization)
+    check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
     record = {"step": cfg.train.max_steps, **normalization,
               "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
     if val_agrees is not None and val_rows is not None:
-        accuracy = reward_lib.pair_accuracy(cfg, state.params, val_rows)
+        accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
         agrees = np.asarray(val_agrees)
         record |= {"val_label_accuracy": float(accuracy.mean()),
                    "val_gold_accuracy": float(np.where(agrees, accuracy, 1 - accuracy).mean()),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from genai_jax.parallel import identity, to_host
@@ -36,6 +40,58 @@ def make_init_fn(init_params: Callable[[jax.Array], Any], optimizer: optax.Gradi
         return TrainState.create(init_params(init_key), optimizer, train_key)
 
     return init
+
+
+class Preempted(Exception):
+    """A training loop stopped on SIGTERM at `step`, its checkpoint saved in `checkpoint_dir`:
+    relaunching the same command resumes there."""
+
+    def __init__(self, step: int, checkpoint_dir: str):
+        super().__init__(f"preempted at step {step}: checkpoint saved in {checkpoint_dir}")
+        self.step, self.checkpoint_dir = step, checkpoint_dir
+
+
+class PreemptionGuard:
+    """While active, SIGTERM (what a Cloud TPU maintenance event or a scheduler sends) sets a flag
+    instead of killing the process, so a training loop can save at its next step boundary and raise
+    `Preempted`. The previous handler comes back on exit. Signal handlers live in the main thread
+    only: elsewhere the guard does nothing and `requested` stays False.
+
+        with PreemptionGuard() as guard:
+            for step in ...:
+                ...
+                if guard.requested:
+                    save(step)
+                    raise Preempted(step, directory)
+    """
+
+    def __init__(self):
+        self._received = False
+        self._installed = False
+        self._previous = None
+
+    def __enter__(self) -> "PreemptionGuard":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._receive)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:  # None: a handler set outside Python, which Python cannot reinstall
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def _receive(self, signum, frame) -> None:
+        self._received = True
+
+    @property
+    def requested(self) -> bool:
+        """Whether any process got SIGTERM. With several processes this is a collective, one tiny
+        all-gather that waits for the step in flight (they must all stop at the same step, or the
+        checkpoint save hangs): read it on every process at each step."""
+        if jax.process_count() == 1:
+            return self._received
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._received))))
 
 
 def _with_denominator(batch: dict, reduce: Callable, num_micro: int) -> dict:
@@ -133,7 +189,8 @@ def fit(
 
     `train_iter` must offer `get_state()` (saved with each checkpoint). Step k's dropout key is
     `fold_in(rng, k)`, so a resumed run sees the same keys as an uninterrupted one. Ctrl-C saves
-    a checkpoint at the step boundary before stopping.
+    a checkpoint before stopping; SIGTERM (see `PreemptionGuard`) finishes the step, saves a
+    checkpoint there and raises `Preempted`.
     """
     host_state = strategy.state_to_host(state)
     step = int(to_host(host_state.step))
@@ -148,34 +205,38 @@ def fit(
 
     if step == 0 and val_batches:  # the starting point, for fine-tuning stages above all
         writer.write({"step": 0, **evaluate(eval_fn, state, val_batches, strategy, base_rng)})
-    try:
-        while step < cfg.max_steps:
-            batch = strategy.place_batch(next(train_iter))
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics = {k: float(v) for k, v in strategy.metrics_to_host(metrics).items()}
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
-                tick, tick_step = now, step
-                writer.write({"step": step, **metrics, "lr": float(lr_fn(step - 1)), "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            if val_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                record = evaluate(eval_fn, state, val_batches, strategy, base_rng)
-                writer.write({"step": step, **record})
-                if show:
-                    bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
-                tick = time.perf_counter()
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+    with PreemptionGuard() as guard:
+        try:
+            while step < cfg.max_steps:
+                batch = strategy.place_batch(next(train_iter))
+                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    metrics = {k: float(v) for k, v in strategy.metrics_to_host(metrics).items()}
+                    now = time.perf_counter()
+                    tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
+                    tick, tick_step = now, step
+                    writer.write({"step": step, **metrics, "lr": float(lr_fn(step - 1)),
+                                  "tokens_per_s": tokens_per_s})
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                if val_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    record = evaluate(eval_fn, state, val_batches, strategy, base_rng)
+                    writer.write({"step": step, **record})
+                    if show:
+                        bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+                    tick = time.perf_counter()
+                if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                    save()
+                    last_saved = step
+                if step < cfg.max_steps and guard.requested:
+                    raise Preempted(step, str(checkpointer.manager.directory))
+        except (KeyboardInterrupt, Preempted):
+            if step > last_saved:
                 save()
-                last_saved = step
-    except KeyboardInterrupt:
-        if step > last_saved:
-            save()
-        checkpointer.wait()
-        bar.close()
-        raise
+            checkpointer.wait()
+            bar.close()
+            raise
     checkpointer.wait()
     bar.close()
     return state

@@ -20,7 +20,7 @@ STAGE_CHANGES = {
                 train=dict(batch_size=8, max_steps=2, eval_every=2, ckpt_every=2, progress=False)),
 }
 # Rollout timings differ between runs; everything else in a record must not.
-TIMINGS = ("generate_s", "train_s", "generate_tokens_per_s")
+TIMINGS = ("generate_s", "experience_s", "train_s", "generate_tokens_per_s")
 
 
 def small_configs(run_dir) -> dict[str, config.RunConfig]:
@@ -41,7 +41,7 @@ def test_pipeline_runs_every_stage_and_summarises(finished_pipeline, capsys):
         assert pipeline.finished(run_dir / stage, small_configs(run_dir)[stage]), stage
     assert set(summary) == set(pipeline.STAGES)
     for stage in ("base", "sft", "ppo"):
-        assert 0.0 <= summary[stage]["gold_score"] <= 100.0 and 0.0 <= summary[stage]["exact"] <= 100.0
+        assert 0.0 <= summary[stage]["gold_sampled"] <= 100.0 and 0.0 <= summary[stage]["gold_greedy"] <= 100.0
     assert 0.0 <= summary["reward"]["val_gold_accuracy"] <= 1.0
     assert np.isfinite(summary["ppo"]["kl"]) and np.isfinite(summary["base"]["val_loss"])
     ppo_records = rundir.read_metrics(run_dir / "ppo")

@@ -1,0 +1,57 @@
+"""Where PPO's time goes: rollout generation (tokens/s) vs scoring vs training.
+
+    python experiments/bench_ppo.py --pipeline runs/tiny-pipeline [--iterations 12]
+
+Runs a few PPO iterations from the pipeline's sft/ and reward/ runs in a temporary directory and
+prints, over the iterations after the first (which compiles), the generation throughput and the
+share of each phase: generation (KV-cache sampling), experience (log-probs of policy and
+reference, values, reward: one forward pass each) and training (epochs x minibatches updates).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+from genai_jax import config as config_lib
+from genai_jax import rlhf, rundir
+
+PHASES = ("generate_s", "experience_s", "train_s")
+
+
+@dataclass(frozen=True)
+class Args:
+    pipeline: str
+    """A finished `genai-jax pipeline` directory (holding sft/ and reward/)."""
+    preset: str = "tiny"
+    iterations: int = 12
+    batch_size: int = 0
+    """Prompts per iteration (0: the preset's)."""
+
+
+def main(args: Args) -> None:
+    pipeline = Path(args.pipeline)
+    base = config_lib.preset(args.preset, "ppo")
+    cfg = config_lib.replace(
+        base, ppo={"policy": str(pipeline / "sft"), "reward": str(pipeline / "reward")},
+        train={"max_steps": args.iterations, "eval_every": 10**9, "ckpt_every": 10**9, "progress": False,
+               "batch_size": args.batch_size or base.train.batch_size},
+    )
+    with tempfile.TemporaryDirectory() as run_dir:
+        rlhf.ppo(cfg, Path(run_dir) / "ppo")
+        records = [r for r in rundir.read_metrics(Path(run_dir) / "ppo") if "generate_s" in r][1:]
+    seconds = {phase: np.mean([r[phase] for r in records]) for phase in PHASES}
+    total = sum(seconds.values())
+    print(f"{len(records)} iterations of {cfg.train.batch_size} prompts x {cfg.ppo.max_new_tokens} new tokens, "
+          f"{cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} minibatches")
+    print(f"generation: {np.mean([r['generate_tokens_per_s'] for r in records]):,.0f} tokens/s")
+    print(f"per iteration: {total * 1000:.0f} ms = " + ", ".join(
+        f"{phase[:-2]} {seconds[phase] * 1000:.0f} ms ({100 * seconds[phase] / total:.0f}%)" for phase in PHASES))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

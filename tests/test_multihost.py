@@ -1,0 +1,127 @@
+"""Multi-host runs on one machine: 2 processes x 2 CPU devices, joined through
+`genai_jax.distributed` on 127.0.0.1, train like 1 process x 4 devices, and their checkpoints
+restore in one process. The distributed settings themselves are checked in-process."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import (REPO, assert_one_error, assert_trees_close, cli_flags, run_cli, run_cli_subprocess,
+                      train_losses)
+from test_sft import BASE_RUN, sft_config
+
+from genai_jax import distributed, rundir, stages
+from genai_jax.checkpoint import Checkpointer
+
+PRETRAIN = ["pretrain", *cli_flags(BASE_RUN)]
+SFT = ["sft", *cli_flags(sft_config(), stage="sft")]
+TIMEOUT = 240  # seconds: a hung collective fails the test instead of blocking it
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(*argv, logs, processes: int = 2, devices: int = 2) -> None:
+    """`python -m genai_jax.cli ARGV` in `processes` processes of `devices` CPU devices each,
+    joined on 127.0.0.1; their output goes to files under `logs` (pipes could fill and block)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               **{distributed.COORDINATOR: f"127.0.0.1:{free_port()}", distributed.NUM_PROCESSES: str(processes)})
+    logs.mkdir(parents=True, exist_ok=True)
+    launched = []
+    for index in range(processes):
+        log = logs / f"process{index}.log"
+        with open(log, "w") as out:
+            launched.append((log, subprocess.Popen(
+                [sys.executable, "-m", "genai_jax.cli", *map(str, argv)], cwd=REPO, stdout=out,
+                stderr=subprocess.STDOUT, env=env | {distributed.PROCESS_ID: str(index)})))
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        for _, process in launched:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"killed after {TIMEOUT} s:\n" + "\n".join(log.read_text()[-2000:] for log, _ in launched))
+    finally:
+        for _, process in launched:
+            process.kill()
+            process.wait()
+    for index, (log, process) in enumerate(launched):
+        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{log.read_text()[-4000:]}"
+
+
+def run_one_process(*argv) -> None:
+    done = run_cli_subprocess(*argv, devices=4)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def assert_same_records(one, two) -> None:
+    """The same records in metrics.jsonl, timings aside, to float32 rounding."""
+    a, b = ([{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rundir.read_metrics(d)] for d in (one, two))
+    assert [r.keys() for r in b] == [r.keys() for r in a]
+    for record_a, record_b in zip(a, b):
+        np.testing.assert_allclose([record_b[k] for k in record_a], list(record_a.values()), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"step {record_a['step']}")
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory):
+    """The tiny pretraining run by 1 process x 4 devices and by 2 processes x 2 devices."""
+    root = tmp_path_factory.mktemp("multihost")
+    one, two = root / "one", root / "two"
+    run_one_process(*PRETRAIN, "--run-dir", one)
+    run_processes(*PRETRAIN, "--run-dir", two, logs=root / "logs")
+    return one, two
+
+
+def test_two_processes_pretrain_like_one(pretrain_runs):
+    one, two = pretrain_runs
+    assert sorted(train_losses(two)) == [1, 2, 3, 4]  # process 0 alone logs: each step once
+    assert_same_records(one, two)
+    assert (two / "samples.txt").read_text() == (one / "samples.txt").read_text()
+
+
+def test_two_process_checkpoint_restores_in_one_process(tmp_path, pretrain_runs):
+    one, two = pretrain_runs
+    assert_trees_close(stages.load_trained(two)[2], stages.load_trained(one)[2])
+
+    run_dir = shutil.copytree(two, tmp_path / "run")
+    before = rundir.read_metrics(run_dir)
+    run_one_process(*PRETRAIN, "--train.max-steps", 6, "--run-dir", run_dir)
+    records = rundir.read_metrics(run_dir)
+    assert records[: len(before)] == before
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+    assert Checkpointer(run_dir / "checkpoints").latest_step() == 6
+
+
+def test_two_processes_sft_like_one(tmp_path, pretrain_runs):
+    _, base = pretrain_runs
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one_process(*SFT, "--init-from", base, "--run-dir", one)
+    run_processes(*SFT, "--init-from", base, "--run-dir", two, logs=tmp_path / "logs")
+    assert_same_records(one, two)
+
+
+@pytest.mark.parametrize("env, needles", [
+    ({distributed.NUM_PROCESSES: "two"}, [distributed.NUM_PROCESSES, "'two'", "not an integer"]),
+    ({distributed.NUM_PROCESSES: "2", distributed.PROCESS_ID: "0"}, [distributed.COORDINATOR]),
+    ({distributed.NUM_PROCESSES: "2", distributed.PROCESS_ID: "2", distributed.COORDINATOR: "127.0.0.1:1234"},
+     [distributed.PROCESS_ID, "out of range"]),
+    ({distributed.NUM_PROCESSES: "2", distributed.COORDINATOR: "127.0.0.1:1234"}, [distributed.PROCESS_ID]),
+    ({distributed.NUM_PROCESSES: "2", distributed.PROCESS_ID: "1", distributed.COORDINATOR: "127.0.0.1"},
+     [distributed.COORDINATOR, "host:port"]),
+    ({distributed.COORDINATOR: "127.0.0.1:1234"}, [distributed.COORDINATOR, distributed.NUM_PROCESSES]),
+], ids=["count-not-integer", "no-coordinator", "id-out-of-range", "no-id", "no-port", "no-count"])
+def test_bad_distributed_settings_name_the_variable(tmp_path, capsys, monkeypatch, env, needles):
+    """Refused before JAX is touched, so in-process: one error line, nothing created."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(capsys, *PRETRAIN, "--run-dir", tmp_path / "run")
+    assert_one_error(code, err, *needles)
+    assert not (tmp_path / "run").exists()
