@@ -27,6 +27,7 @@ import tyro
 
 from genai_jax.config import (DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig, RunConfig,
                               TrainConfig, UserError, preset)
+from genai_jax import rundir
 from genai_jax.config import diff as config_diff
 
 
@@ -148,36 +149,32 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     return args.run_config(), args.run_dir or f"runs/{name}-{stage}"
 
 
-def _print_final(stage: str, run_dir: str, final: dict) -> None:
-    print(f"{stage} finished in {run_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step"))
-
-
 def cmd_pretrain(argv: list[str]) -> None:
     from genai_jax import stages
 
     cfg, run_dir = parse_stage(argv, "pretrain")
-    _print_final("pretrain", run_dir, stages.pretrain(cfg, run_dir))
+    rundir.print_final("pretrain", run_dir, stages.pretrain(cfg, run_dir))
 
 
 def cmd_sft(argv: list[str]) -> None:
     from genai_jax import stages
 
     cfg, run_dir = parse_stage(argv, "sft")
-    _print_final("sft", run_dir, stages.sft(cfg, run_dir))
+    rundir.print_final("sft", run_dir, stages.sft(cfg, run_dir))
 
 
 def cmd_reward(argv: list[str]) -> None:
     from genai_jax import stages
 
     cfg, run_dir = parse_stage(argv, "reward")
-    _print_final("reward", run_dir, stages.reward(cfg, run_dir))
+    rundir.print_final("reward", run_dir, stages.reward(cfg, run_dir))
 
 
 def cmd_ppo(argv: list[str]) -> None:
     from genai_jax import rlhf
 
     cfg, run_dir = parse_stage(argv, "ppo")
-    _print_final("ppo", run_dir, rlhf.ppo(cfg, run_dir))
+    rundir.print_final("ppo", run_dir, rlhf.ppo(cfg, run_dir))
 
 
 def cmd_pipeline(argv: list[str]) -> None:

@@ -237,7 +237,7 @@ def diff(old, new, prefix: str = "") -> list[str]:
 
 
 _TINY = RunConfig(
-    model=ModelConfig(n_layer=2, n_head=4, d_model=128, context_len=96),
+    model=ModelConfig(n_layer=4, n_head=4, d_model=128, context_len=96),
     optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.1),
     data=DataConfig(source="world"),
     train=TrainConfig(batch_size=32, max_steps=600, eval_every=200, ckpt_every=200, eval_batches=8),
@@ -279,15 +279,15 @@ STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
     },
     "ppo": {
         "tiny": {"optim": {"lr": 2e-5, "min_lr": 2e-5, "warmup_steps": 0, "weight_decay": 0.0},
-                 "ppo": {"max_new_tokens": 16, "value_lr": 1e-4},
-                 "train": {"batch_size": 64, "max_steps": 60, "eval_every": 20, "ckpt_every": 20}},
+                 "ppo": {"max_new_tokens": 16, "value_lr": 1e-4, "kl_coef": 0.1},
+                 "train": {"batch_size": 64, "max_steps": 100, "eval_every": 25, "ckpt_every": 25}},
         "*": {"optim": {"lr": 1e-6, "min_lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0},
               "ppo": {"value_lr": 1e-5},
               "train": {"batch_size": 64, "max_steps": 200, "eval_every": 20, "ckpt_every": 20}},
     },
     "sft": {
         "tiny": {"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20}, "data": {"pack": True},
-                 "train": {"max_steps": 800, "eval_every": 200, "ckpt_every": 400, "sample_tokens": 0}},
+                 "train": {"max_steps": 600, "eval_every": 200, "ckpt_every": 300, "sample_tokens": 0}},
         "*": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 50, "weight_decay": 0.0},
               "data": {"source": "tfds:databricks_dolly"},
               "train": {"max_steps": 1000, "sample_tokens": 0}},

@@ -6,8 +6,11 @@ the data (`data.loader`).
     GENAI_JAX_NUM_PROCESSES  how many processes take part
     GENAI_JAX_PROCESS_ID     this process's id, 0 .. count - 1
 
-Without them a Cloud TPU VM (the TPU_* variables below) is set up by JAX itself; anything else
-runs as one process.
+    GENAI_JAX_DISTRIBUTED    "auto": let JAX find the cluster itself (a Cloud TPU pod slice, GKE,
+                             SLURM, Open MPI), e.g. on every worker of a TPU VM pod slice
+
+Without them, a process whose environment shows a Cloud TPU (the TPU_* variables below) also lets
+JAX set itself up; anything else runs as one process.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from genai_jax.config import UserError
 COORDINATOR = "GENAI_JAX_COORDINATOR"
 NUM_PROCESSES = "GENAI_JAX_NUM_PROCESSES"
 PROCESS_ID = "GENAI_JAX_PROCESS_ID"
+AUTO = "GENAI_JAX_DISTRIBUTED"
 # What a Cloud TPU VM sets; jax/_src/clusters reads the worker lists to find the other hosts.
 TPU_VARIABLES = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_ACCELERATOR_TYPE")
 
@@ -60,9 +64,12 @@ def initialize() -> None:
         stray = [name for name in (COORDINATOR, PROCESS_ID) if name in os.environ]
         if stray:
             raise UserError(f"{' and '.join(stray)} set without {NUM_PROCESSES}")
-        if not any(name in os.environ for name in TPU_VARIABLES):
+        mode = os.environ.get(AUTO)
+        if mode not in (None, "auto"):
+            raise UserError(f"{AUTO}={mode!r}: the only value is 'auto'")
+        if mode is None and not any(name in os.environ for name in TPU_VARIABLES):
             return
-        jax.distributed.initialize()
+        jax.distributed.initialize()  # JAX finds the cluster: TPU metadata, GKE, SLURM, Open MPI
     else:
         if count < 1:
             raise UserError(f"{NUM_PROCESSES}={count} must be at least 1")

@@ -62,7 +62,7 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompt
             print(f"pipeline: {stage} already finished in {stage_dir}, skipping")
             continue
         print(f"pipeline: {stage} -> {stage_dir}")
-        runners[stage](configs[stage], stage_dir)
+        rundir.print_final(stage, stage_dir, runners[stage](configs[stage], stage_dir))
     summary = summarize(run_dir, gold_prompts)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))

@@ -81,3 +81,11 @@ class MetricsWriter:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def print_final(stage: str, run_dir, final: dict) -> None:
+    """One line with a finished stage's final metrics (nothing on processes other than 0, whose
+    `final` is empty)."""
+    if final:
+        print(f"{stage} finished in {run_dir}: " + ", ".join(
+            f"{name} {value:.4g}" for name, value in final.items() if name != "step"))

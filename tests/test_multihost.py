@@ -117,7 +117,8 @@ def test_two_processes_sft_like_one(tmp_path, pretrain_runs):
     ({distributed.NUM_PROCESSES: "2", distributed.PROCESS_ID: "1", distributed.COORDINATOR: "127.0.0.1"},
      [distributed.COORDINATOR, "host:port"]),
     ({distributed.COORDINATOR: "127.0.0.1:1234"}, [distributed.COORDINATOR, distributed.NUM_PROCESSES]),
-], ids=["count-not-integer", "no-coordinator", "id-out-of-range", "no-id", "no-port", "no-count"])
+    ({distributed.AUTO: "yes"}, [distributed.AUTO, "'auto'"]),
+], ids=["count-not-integer", "no-coordinator", "id-out-of-range", "no-id", "no-port", "no-count", "auto-typo"])
 def test_bad_distributed_settings_name_the_variable(tmp_path, capsys, monkeypatch, env, needles):
     """Refused before JAX is touched, so in-process: one error line, nothing created."""
     for name, value in env.items():
