@@ -12,7 +12,7 @@ from genai_jax.data import world
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 
-_PROMPT_BUCKET = 8
+PROMPT_BUCKET = 8
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def respond(cfg: RunConfig, params, tokenizer: Tokenizer, chats: list[list[dict]
     compilation): prompts left-padded to a common bucketed length, new tokens capped by the context."""
     prompts = [encode_chat(tokenizer, chat, generation_prompt=True)[0] for chat in chats]
     longest = max(len(p) for p in prompts)
-    prompt_len = min(-(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET, cfg.model.context_len)
+    prompt_len = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, cfg.model.context_len)
     new_tokens = min(max_new_tokens, cfg.model.context_len - prompt_len)
     if longest > cfg.model.context_len or new_tokens < 1:
         raise UserError(f"a prompt of {longest} tokens leaves no room to answer in context_len {cfg.model.context_len}")

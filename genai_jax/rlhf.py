@@ -33,18 +33,17 @@ from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
-from genai_jax.evaluation import gold_eval, left_pad
+from genai_jax.evaluation import PROMPT_BUCKET, gold_eval, left_pad
 from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.bradley_terry import sequence_rewards
-from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, gae, kl_estimate, make_ppo_objective,
-                                      masked_mean, masked_whiten, policy_and_values)
+from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
+                                      make_ppo_objective, masked_whiten, policy_and_values)
 from genai_jax.optim import make_optimizer
 from genai_jax.parallel import Mesh, make_strategy, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
 
-_PROMPT_BUCKET = 8
 
 
 def updates_per_iteration(cfg: RunConfig) -> int:
@@ -129,10 +128,6 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
     batch |= {"old_logprobs": logprobs * action_mask, "old_values": values,
               "advantages": masked_whiten(advantages, action_mask), "returns": returns}
 
-    mean_return = masked_mean(returns, action_mask)
-    return_variance = masked_mean((returns - mean_return) ** 2, action_mask)
-    error = returns - values
-    error_variance = masked_mean((error - masked_mean(error, action_mask)) ** 2, action_mask)
     sequence_kl = jnp.sum(kl, axis=1)
     stats = {
         "proxy_reward": jnp.mean(proxy_reward),
@@ -141,7 +136,7 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
         "rl_reward": jnp.mean(score - beta * sequence_kl),
         "response_tokens": jnp.mean(jnp.sum(action_mask, axis=1)),
         "ended": jnp.mean(ended.astype(jnp.float32)),
-        "explained_variance": 1.0 - error_variance / jnp.maximum(return_variance, 1e-8),
+        "explained_variance": explained_variance(values, returns, action_mask),
     }
     return batch, stats
 
@@ -176,7 +171,7 @@ def load_prompts(cfg: RunConfig, tokenizer: Tokenizer) -> Prompts:
         where = f"{cfg.data.path}: prompt {longest + 1}" if source == "text" else f"world prompt {longest + 1}"
         raise UserError(f"{where} has {len(encoded[longest])} tokens; with ppo.max_new_tokens="
                         f"{cfg.ppo.max_new_tokens} it exceeds model.context_len={cfg.model.context_len}")
-    prompt_len = min(-(-len(encoded[longest]) // _PROMPT_BUCKET) * _PROMPT_BUCKET, room)
+    prompt_len = min(-(-len(encoded[longest]) // PROMPT_BUCKET) * PROMPT_BUCKET, room)
     tokens, mask = left_pad(encoded, prompt_len, tokenizer.pad_id)
     return Prompts(tokens, mask, problems)
 

@@ -294,7 +294,7 @@ def test_overlong_preference_groups(overlong):
         np.testing.assert_array_equal(rows["tokens"][1, k], encoded(LONG, response)[-seq_len:])
         assert rows["tokens"][1, k, -1] == CHAR.special_id(END)
         assert rows["mask"][1, k].all()
-    assert CHAR.decode(rows["tokens"][1, 0]).endswith("<|assistant|>42<|end|>")
+    assert CHAR.decode(rows["tokens"][1, 0]).endswith("<|assistant|>6<|end|>")
 
 
 def test_preference_rows_name_a_group_with_an_unknown_character():
@@ -577,7 +577,7 @@ def test_reward_on_an_hh_rlhf_file(tmp_path, capsys, sft_run):
     assert len(problems) == 32
     records = []
     for i, p in enumerate(problems):
-        earlier = (("Human", "how many letters are in abc?"), ("Assistant", "3")) if i % 4 == 0 else ()
+        earlier = (("Human", "hi"), ("Assistant", "3")) if i % 4 == 0 else ()
         records.append({"chosen": hh(*earlier, ("Human", p.instruction), ("Assistant", p.answer)),
                         "rejected": hh(*earlier, ("Human", p.instruction), ("Assistant", p.answer + p.answer[-1]))})
     path = tmp_path / "hh.jsonl"

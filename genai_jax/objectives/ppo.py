@@ -51,6 +51,15 @@ def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax
     return whitened * mask
 
 
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
+    """1 - Var(returns - values) / Var(returns) over the masked entries: 1 for a perfect value
+    model, 0 for one that predicts the mean, negative for worse."""
+    error = returns - values
+    error_variance = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    return_variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    return 1.0 - error_variance / jnp.maximum(return_variance, 1e-8)
+
+
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
     """(advantages, returns) [B, T] by generalised advantage estimation, scanned backwards in time.
 
