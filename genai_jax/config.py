@@ -127,7 +127,9 @@ class PPOConfig:
     policy: str = ""
     """SFT run directory: the policy starts from it and it stays the frozen reference."""
     reward: str = ""
-    """Reward model run directory: it scores, and the value model starts from it."""
+    """Reward model run directory: it scores, and the value model starts from it. `gold`: the task
+    world's gold checker scores instead (RL against the verifiable reward; the value model starts
+    from the SFT trunk), the ceiling a learned reward model can reach."""
     epochs: int = 4
     minibatches: int = 4
     max_new_tokens: int = 32

@@ -46,6 +46,10 @@ from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train
 
 
 
+GOLD_REWARD = "gold"
+"""`ppo.reward` naming the task world's gold checker instead of a reward model run."""
+
+
 def updates_per_iteration(cfg: RunConfig) -> int:
     return cfg.ppo.epochs * cfg.ppo.minibatches
 
@@ -83,13 +87,14 @@ def response_mask(response: jax.Array, end_id: int) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("cfg", "end_id", "pad_id"))
-def experience(params, ref_params, reward_params, normalization, prompt, prompt_mask, response, beta, *,
-               cfg: RunConfig, end_id: int, pad_id: int):
+def experience(params, ref_params, reward_params, normalization, prompt, prompt_mask, response, beta,
+               scores=None, *, cfg: RunConfig, end_id: int, pad_id: int):
     """(train batch, per-sequence stats) for sampled responses [B, R] to left-padded prompts [B, P].
 
     The response ends at its first end-of-turn (later tokens become padding). Per-token reward is
     -beta * KL estimate, plus the sequence's score at its last token: the reward model's normalised
-    score, clipped, minus `no_end_penalty` if the turn never ended.
+    score (or the given `scores` [B], e.g. the gold checker's), clipped, minus `no_end_penalty` if
+    the turn never ended.
     """
     ppo = cfg.ppo
     apply_fn = GPT(cfg.model).apply
@@ -114,7 +119,9 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
                           segment_ids=batch["segment_ids"], deterministic=True, head="lm")
     ref_logprobs = action_logprobs(ref_logits, batch["targets"], ppo.temperature)
 
-    proxy_reward = normalization["gain"] * sequence_rewards(apply_fn, reward_params, tokens, mask) + normalization["bias"]
+    if scores is None:
+        scores = normalization["gain"] * sequence_rewards(apply_fn, reward_params, tokens, mask) + normalization["bias"]
+    proxy_reward = scores
     score = jnp.clip(proxy_reward, -ppo.reward_clip, ppo.reward_clip) if ppo.reward_clip > 0 else proxy_reward
     score = score - ppo.no_end_penalty * (1.0 - ended.astype(jnp.float32))
     kl = kl_estimate(logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
@@ -190,16 +197,25 @@ def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
 
 
 def load_models(cfg: RunConfig):
-    """(config with the policy's model, tokenizer, SFT params, reward params, normalisation),
-    refusing runs that cannot work together."""
+    """(config with the policy's model, tokenizer, SFT params, value model's initial params, reward
+    params, normalisation), refusing runs that cannot work together. With `ppo.reward=gold` there
+    is no reward model (None, None) and the value model starts from the SFT trunk."""
+    from genai_jax.model import with_scalar_head
     from genai_jax.stages import load_trained
 
     if not cfg.ppo.policy or not cfg.ppo.reward:
-        raise UserError("ppo needs --ppo.policy SFT_RUN and --ppo.reward REWARD_RUN")
+        raise UserError("ppo needs --ppo.policy SFT_RUN and --ppo.reward REWARD_RUN (or gold)")
     policy_cfg, tokenizer, sft_params = load_trained(cfg.ppo.policy)
-    reward_cfg, reward_tokenizer, reward_params = load_trained(cfg.ppo.reward)
     if policy_cfg.model.head != "lm":
         raise UserError(f"--ppo.policy {cfg.ppo.policy} is not a policy run (model.head={policy_cfg.model.head})")
+    model = dataclasses.replace(policy_cfg.model, dropout=0.0, head="lm")
+    cfg = dataclasses.replace(cfg, model=model)
+    if cfg.ppo.reward == GOLD_REWARD:
+        if cfg.data.resolved_source != "world":
+            raise UserError("--ppo.reward gold needs the task world's prompts (data.source=world)")
+        value_params = with_scalar_head(sft_params, model, jax.random.PRNGKey(cfg.train.seed + 1))
+        return cfg, tokenizer, sft_params, value_params, None, None
+    reward_cfg, reward_tokenizer, reward_params = load_trained(cfg.ppo.reward)
     if reward_cfg.model.head != "scalar":
         raise UserError(f"--ppo.reward {cfg.ppo.reward} is not a reward model run (model.head={reward_cfg.model.head})")
     mismatched = [n for n in config_lib.diff(policy_cfg.model, reward_cfg.model) if n not in ("dropout", "head")]
@@ -209,8 +225,7 @@ def load_models(cfg: RunConfig):
     if not _same_vocabulary(tokenizer, reward_tokenizer):
         raise UserError(f"--ppo.reward {cfg.ppo.reward} and --ppo.policy {cfg.ppo.policy} use different tokenizers")
     normalization = reward_lib.load_normalization(cfg.ppo.reward)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(policy_cfg.model, dropout=0.0, head="lm"))
-    return cfg, tokenizer, sft_params, reward_params, normalization
+    return cfg, tokenizer, sft_params, reward_params, reward_params, normalization
 
 
 def check_batches(cfg: RunConfig, divisor: int) -> int:
@@ -239,13 +254,17 @@ def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer, seed: i
     return record
 
 
+def gold_scores(prompts: Prompts, tokenizer: Tokenizer, rows: np.ndarray, responses: np.ndarray) -> np.ndarray:
+    """The gold checker's score of each sampled response (task world prompts only)."""
+    return np.array([world.gold_score(prompts.problems[row].instruction, decode_response(tokenizer, response)[0])
+                     for row, response in zip(rows, responses)], np.float32)
+
+
 def rollout_gold(prompts: Prompts, rows: np.ndarray, responses: np.ndarray, tokenizer: Tokenizer) -> dict:
     """Gold score of the sampled responses themselves (the samples the reward model scored)."""
     if prompts.problems is None:
         return {}
-    scores = [world.gold_score(prompts.problems[row].instruction, decode_response(tokenizer, response)[0])
-              for row, response in zip(rows, responses)]
-    return {"gold_score": float(np.mean(scores))}
+    return {"gold_score": float(np.mean(gold_scores(prompts, tokenizer, rows, responses)))}
 
 
 class _Placement:
@@ -266,16 +285,19 @@ class _Placement:
 
 
 def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.ndarray, beta: float, key,
-            placement: "_Placement", *, end_id: int, pad_id: int):
-    """(sampled responses, train batch, stats, timings) of one iteration's prompts, on the host."""
+            placement: "_Placement", *, end_id: int, pad_id: int, score_responses=None):
+    """(sampled responses, train batch, stats, timings) of one iteration's prompts, on the host.
+    `score_responses(rows, responses)`, if given, scores on the host instead of the reward model."""
     start = time.perf_counter()
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
     response = jax.block_until_ready(generate(
         params["policy"], prompt, prompt_mask, key, cfg=cfg.model, max_new_tokens=cfg.ppo.max_new_tokens,
         temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p))
     generate_s = time.perf_counter() - start
+    scores = None if score_responses is None else placement.rows(score_responses(rows, np.asarray(response)))
     batch, stats = experience(params, frozen["reference"], frozen["reward"], frozen["normalization"], prompt,
-                              prompt_mask, response, jnp.float32(beta), cfg=cfg, end_id=end_id, pad_id=pad_id)
+                              prompt_mask, response, jnp.float32(beta), scores, cfg=cfg, end_id=end_id,
+                              pad_id=pad_id)
     response, batch, stats = jax.tree.map(np.asarray, (response, batch, stats))
     timings = {"generate_s": generate_s, "experience_s": time.perf_counter() - start - generate_s,
                "generate_tokens_per_s": response.size / generate_s}
@@ -305,13 +327,13 @@ def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if jax.process_count() > 1:
         raise UserError("ppo runs in one process for now (on any number of its local devices)")
-    cfg, tokenizer, sft_params, reward_params, normalization = load_models(cfg)
+    cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)
     prompts = load_prompts(cfg, tokenizer)
     strategy = make_strategy(cfg.train)
     minibatch_rows = check_batches(cfg, strategy.batch_divisor)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
 
-    init_fn = make_ppo_init_fn(cfg, *(jax.tree.map(jnp.array, p) for p in (sft_params, reward_params)))
+    init_fn = make_ppo_init_fn(cfg, *(jax.tree.map(jnp.array, p) for p in (sft_params, value_params)))
     abstract_state = jax.eval_shape(init_fn)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
@@ -321,8 +343,13 @@ def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
         state, iteration, beta = init_fn(), 0, cfg.ppo.kl_coef
     state = strategy.place_state(state)
     placement = _Placement(strategy)
-    frozen = {"reference": placement.params(sft_params), "reward": placement.params(reward_params),
-              "normalization": {name: jnp.float32(value) for name, value in normalization.items()}}
+    frozen = {"reference": placement.params(sft_params), "reward": None, "normalization": None}
+    score_responses = None
+    if reward_params is None:  # ppo.reward=gold
+        score_responses = partial(gold_scores, prompts, tokenizer)
+    else:
+        frozen |= {"reward": placement.params(reward_params),
+                   "normalization": {name: jnp.float32(value) for name, value in normalization.items()}}
     objective = make_ppo_objective(
         GPT(cfg.model).apply, clip_ratio=cfg.ppo.clip_ratio, clip_value=cfg.ppo.clip_value,
         value_coef=cfg.ppo.value_coef, entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.ppo.temperature)
@@ -348,7 +375,7 @@ def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
             with placement.context():
                 response, batch, stats, timings = rollout(
                     cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
-                    end_id=tokenizer.special_id(END), pad_id=tokenizer.pad_id)
+                    end_id=tokenizer.special_id(END), pad_id=tokenizer.pad_id, score_responses=score_responses)
             start = time.perf_counter()
             state, updates = ppo_updates(state, batch, step_fn, strategy, cfg, iteration, key, minibatch_rows)
             iteration += 1

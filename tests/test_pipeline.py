@@ -116,3 +116,26 @@ def test_a_ppo_run_loads_as_its_policy(finished_pipeline):
     assert jax.tree.structure(params) == jax.tree.structure(sft_params)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), params, sft_params))
     assert any(changed)  # PPO moved the policy
+
+
+def test_ppo_against_the_gold_checker(finished_pipeline, tmp_path):
+    """`ppo.reward=gold`: the score of each rollout is the gold checker's, so the logged proxy
+    reward is exactly the logged gold score of the same samples."""
+    run_dir, _ = finished_pipeline
+    cfg = config.replace(small_configs(run_dir)["ppo"], ppo=dict(reward="gold"))
+    rlhf.ppo(cfg, tmp_path / "ppo")
+    iterations = [r for r in rundir.read_metrics(tmp_path / "ppo") if "proxy_reward" in r]
+    assert [r["step"] for r in iterations] == [1, 2]
+    for record in iterations:
+        assert record["proxy_reward"] == pytest.approx(record["gold_score"], abs=1e-6)
+    assert rundir.read_config(tmp_path / "ppo").ppo.reward == "gold"
+    assert stages.load_trained(tmp_path / "ppo")[0].model.head == "lm"
+
+
+def test_ppo_against_gold_needs_the_task_world(finished_pipeline, tmp_path):
+    run_dir, _ = finished_pipeline
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "reverse the word abc"}\n')
+    cfg = config.replace(small_configs(run_dir)["ppo"], ppo=dict(reward="gold"), data=dict(path=str(prompts)))
+    with pytest.raises(config.UserError, match="gold needs the task world"):
+        rlhf.ppo(cfg, tmp_path / "ppo")
