@@ -135,6 +135,7 @@ class PipelineArgs:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model flags apply to every stage (e.g. --model.n-layer 4)."""
     gold_prompts: int = 200
+    """Held-out prompts behind each policy's gold scores in the summary."""
 
 
 def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
