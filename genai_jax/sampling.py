@@ -52,14 +52,16 @@ def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_toke
     def step(carry, key):
         cache, logits, position = carry
         token = sample_token(logits, key, temperature, top_k, top_p)
-        tempered = jax.nn.log_softmax(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6), axis=-1)
-        logprob = jnp.take_along_axis(tempered, token[:, None], axis=-1)[:, 0]
+        emitted = token
+        if with_logprobs:  # only then: a log-softmax over the vocabulary at every step
+            tempered = jax.nn.log_softmax(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6), axis=-1)
+            emitted = (token, jnp.take_along_axis(tempered, token[:, None], axis=-1)[:, 0])
         logits, cache = model.apply(params, token[:, None], positions=position[:, None], cache=cache)
-        return (cache, logits[:, 0], position + 1), (token, logprob)
+        return (cache, logits[:, 0], position + 1), emitted
 
     keys = jax.random.split(rng, max_new_tokens)
-    _, (tokens, logprobs) = jax.lax.scan(step, (cache, logits[:, -1], positions[:, -1] + 1), keys)
-    return (tokens.T, logprobs.T) if with_logprobs else tokens.T
+    _, emitted = jax.lax.scan(step, (cache, logits[:, -1], positions[:, -1] + 1), keys)
+    return jax.tree.map(lambda x: x.T, emitted)
 
 
 def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
