@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 from genai_jax.data import world
@@ -109,3 +110,35 @@ def test_demonstrations_err_at_the_configured_rate_with_near_misses():
     for p, answer in zip(problems, answers):
         assert abs(len(answer) - len(p.answer)) <= 1 and answer  # a near miss, never empty
     assert [c[1]["content"] for c in world.demonstrations(problems, 0.0, seed=1)] == [p.answer for p in problems]
+
+
+def edit_kind(answer: str, miss: str) -> str:
+    """Which single edit turns `answer` into `miss`, found independently of `near_miss`."""
+    if len(miss) == len(answer) - 1 and any(answer[:i] + answer[i + 1:] == miss for i in range(len(answer))):
+        return "drop"
+    if len(miss) == len(answer) + 1 and any(miss[:i] + miss[i + 1:] == answer for i in range(len(miss))):
+        return "insert"
+    diffs = [i for i, (a, b) in enumerate(zip(answer, miss)) if a != b]
+    if len(miss) == len(answer) and len(diffs) == 1:
+        return "substitute"
+    if len(diffs) == 2 and diffs[1] == diffs[0] + 1 and miss[diffs[0]] == answer[diffs[1]] \
+            and miss[diffs[1]] == answer[diffs[0]]:
+        return "swap"
+    return "other"
+
+
+@pytest.mark.parametrize("edit", world.NEAR_MISS_EDITS)
+def test_near_miss_makes_only_the_edits_asked_for(edit):
+    rng = np.random.default_rng(0)
+    for problem in world.problems(seed=2, count=300):
+        if edit in ("drop", "swap") and len(set(problem.answer)) == 1:
+            continue  # a one-character count, or a word of one repeated letter
+        miss = world.near_miss(problem.answer, rng, edits=(edit,))
+        assert miss != problem.answer and edit_kind(problem.answer, miss) == edit, (problem.answer, miss)
+
+
+def test_near_miss_refuses_an_edit_that_cannot_change_the_answer():
+    with pytest.raises(ValueError, match="swap"):
+        world.near_miss("aa", np.random.default_rng(0), edits=("swap",))
+    with pytest.raises(ValueError, match="drop"):
+        world.near_miss("7", np.random.default_rng(0), edits=("drop",))

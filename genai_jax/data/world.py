@@ -110,26 +110,31 @@ def chat(problem: Problem, answer: str | None = None) -> list[dict]:
             {"role": "assistant", "content": problem.answer if answer is None else answer}]
 
 
-def near_miss(answer: str, rng: np.random.Generator) -> str:
-    """A near miss, never the answer itself: one character changed, dropped or inserted, or two
-    neighbours swapped, in the answer's own alphabet."""
+NEAR_MISS_EDITS = ("substitute", "drop", "insert", "swap")
+
+
+def near_miss(answer: str, rng: np.random.Generator, edits: tuple[str, ...] = NEAR_MISS_EDITS) -> str:
+    """A near miss, never the answer itself: one character changed ("substitute"), dropped or
+    inserted, or two neighbours swapped, in the answer's own alphabet; the edit is drawn from
+    `edits`. ValueError when none of `edits` changes `answer` (a swap in "aa")."""
     alphabet = "0123456789" if answer.isdigit() else (_LETTERS.upper() if answer.isupper() else _LETTERS)
-    while True:
+    for _ in range(1000):
         chars = list(answer)
         i = int(rng.integers(len(chars)))
-        op = rng.integers(4)
-        if op == 0:
+        edit = edits[rng.integers(len(edits))]
+        if edit == "substitute":
             chars[i] = alphabet[int(rng.integers(len(alphabet)))]
-        elif op == 1 and len(chars) > 1:
+        elif edit == "drop" and len(chars) > 1:
             del chars[i]
-        elif op == 2:
+        elif edit == "insert":
             chars.insert(i, alphabet[int(rng.integers(len(alphabet)))])
-        elif len(chars) > 1:
+        elif edit == "swap" and len(chars) > 1:
             j = i + 1 if i + 1 < len(chars) else i - 1
             chars[i], chars[j] = chars[j], chars[i]
         candidate = "".join(chars)
         if candidate != answer:
             return candidate
+    raise ValueError(f"no near miss of {answer!r} by {', '.join(edits)}")
 
 
 def demonstrations(problems: list[Problem], error_rate: float, seed: int) -> list[list[dict]]:
