@@ -25,9 +25,9 @@ from typing import Annotated, Callable
 
 import tyro
 
+from genai_jax import rundir
 from genai_jax.config import (DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig, RunConfig,
                               TrainConfig, UserError, preset)
-from genai_jax import rundir
 from genai_jax.config import diff as config_diff
 
 

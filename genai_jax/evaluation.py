@@ -12,7 +12,13 @@ from genai_jax.data import world
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 
-PROMPT_BUCKET = 8
+_PROMPT_BUCKET = 8
+
+
+def bucketed_len(length: int, limit: int) -> int:
+    """`length` rounded up to a multiple of the prompt bucket (so that prompts of nearby lengths
+    share one compilation), at most `limit`."""
+    return min(-(-length // _PROMPT_BUCKET) * _PROMPT_BUCKET, limit)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ def respond(cfg: RunConfig, params, tokenizer: Tokenizer, chats: list[list[dict]
     compilation): prompts left-padded to a common bucketed length, new tokens capped by the context."""
     prompts = [encode_chat(tokenizer, chat, generation_prompt=True)[0] for chat in chats]
     longest = max(len(p) for p in prompts)
-    prompt_len = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, cfg.model.context_len)
+    prompt_len = bucketed_len(longest, cfg.model.context_len)
     new_tokens = min(max_new_tokens, cfg.model.context_len - prompt_len)
     if longest > cfg.model.context_len or new_tokens < 1:
         raise UserError(f"a prompt of {longest} tokens leaves no room to answer in context_len {cfg.model.context_len}")

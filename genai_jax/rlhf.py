@@ -33,7 +33,7 @@ from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
-from genai_jax.evaluation import PROMPT_BUCKET, gold_eval, left_pad
+from genai_jax.evaluation import bucketed_len, gold_eval, left_pad
 from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
@@ -43,8 +43,6 @@ from genai_jax.parallel import Mesh, make_strategy, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
-
-
 
 GOLD_REWARD = "gold"
 """`ppo.reward` naming the task world's gold checker instead of a reward model run."""
@@ -119,9 +117,10 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
                           segment_ids=batch["segment_ids"], deterministic=True, head="lm")
     ref_logprobs = action_logprobs(ref_logits, batch["targets"], ppo.temperature)
 
-    if scores is None:
-        scores = normalization["gain"] * sequence_rewards(apply_fn, reward_params, tokens, mask) + normalization["bias"]
     proxy_reward = scores
+    if proxy_reward is None:
+        proxy_reward = (normalization["gain"] * sequence_rewards(apply_fn, reward_params, tokens, mask)
+                        + normalization["bias"])
     score = jnp.clip(proxy_reward, -ppo.reward_clip, ppo.reward_clip) if ppo.reward_clip > 0 else proxy_reward
     score = score - ppo.no_end_penalty * (1.0 - ended.astype(jnp.float32))
     kl = kl_estimate(logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
@@ -178,7 +177,7 @@ def load_prompts(cfg: RunConfig, tokenizer: Tokenizer) -> Prompts:
         where = f"{cfg.data.path}: prompt {longest + 1}" if source == "text" else f"world prompt {longest + 1}"
         raise UserError(f"{where} has {len(encoded[longest])} tokens; with ppo.max_new_tokens="
                         f"{cfg.ppo.max_new_tokens} it exceeds model.context_len={cfg.model.context_len}")
-    prompt_len = min(-(-len(encoded[longest]) // PROMPT_BUCKET) * PROMPT_BUCKET, room)
+    prompt_len = bucketed_len(len(encoded[longest]), room)
     tokens, mask = left_pad(encoded, prompt_len, tokenizer.pad_id)
     return Prompts(tokens, mask, problems)
 

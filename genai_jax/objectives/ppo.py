@@ -40,12 +40,15 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1e-8)
 
 
+def masked_variance(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
 def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
     """x scaled to unit variance (and zero mean if `shift_mean`) over the masked entries; the
     unmasked entries come back as 0."""
     mean = masked_mean(x, mask)
-    variance = masked_mean((x - mean) ** 2, mask)
-    whitened = (x - mean) * jax.lax.rsqrt(variance + 1e-8)
+    whitened = (x - mean) * jax.lax.rsqrt(masked_variance(x, mask) + 1e-8)
     if not shift_mean:
         whitened += mean
     return whitened * mask
@@ -54,10 +57,7 @@ def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
     """1 - Var(returns - values) / Var(returns) over the masked entries: 1 for a perfect value
     model, 0 for one that predicts the mean, negative for worse."""
-    error = returns - values
-    error_variance = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
-    return_variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    return 1.0 - error_variance / jnp.maximum(return_variance, 1e-8)
+    return 1.0 - masked_variance(returns - values, mask) / jnp.maximum(masked_variance(returns, mask), 1e-8)
 
 
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
