@@ -156,7 +156,7 @@ class PPOConfig:
     reward_clip: float = 5.0
     """Clip normalised scores to [-reward_clip, reward_clip] (0: off)."""
     whiten_rewards: bool = False
-    gold_prompts: int = 400
+    gold_prompts: int = 1000
     """Task world: held-out prompts for the gold score at each evaluation."""
 
 
@@ -274,7 +274,7 @@ _GPT2_SMALL = RunConfig(
 STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
     "reward": {
         "tiny": {"model": {"head": "scalar"}, "optim": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "weight_decay": 0.0},
-                 "data": {"world_pairs": 8000, "seq_len": 48},
+                 "data": {"world_pairs": 8000, "seq_len": 48}, "objective": {"reward_centering": 0.1},
                  "train": {"max_steps": 400, "eval_every": 100, "ckpt_every": 400, "sample_tokens": 0}},
         "*": {"model": {"head": "scalar"}, "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 50, "weight_decay": 0.0},
               "train": {"max_steps": 1000, "sample_tokens": 0}},

@@ -50,7 +50,7 @@ def finished(stage_dir: Path, cfg: RunConfig) -> bool:
     return done and (cfg.model.head != "scalar" or (stage_dir / NORMALIZATION_FILE).exists())
 
 
-def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompts: int = 200) -> dict:
+def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompts: int = 1000) -> dict:
     """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary."""
     from genai_jax import rlhf, stages
 

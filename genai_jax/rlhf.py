@@ -203,26 +203,26 @@ def load_models(cfg: RunConfig):
     from genai_jax.stages import load_trained
 
     if not cfg.ppo.policy or not cfg.ppo.reward:
-        raise UserError("ppo needs --ppo.policy SFT_RUN and --ppo.reward REWARD_RUN (or gold)")
+        raise UserError("ppo needs --policy SFT_RUN and --reward REWARD_RUN (or gold)")
     policy_cfg, tokenizer, sft_params = load_trained(cfg.ppo.policy)
     if policy_cfg.model.head != "lm":
-        raise UserError(f"--ppo.policy {cfg.ppo.policy} is not a policy run (model.head={policy_cfg.model.head})")
+        raise UserError(f"--policy {cfg.ppo.policy} is not a policy run (model.head={policy_cfg.model.head})")
     model = dataclasses.replace(policy_cfg.model, dropout=0.0, head="lm")
     cfg = dataclasses.replace(cfg, model=model)
     if cfg.ppo.reward == GOLD_REWARD:
         if cfg.data.resolved_source != "world":
-            raise UserError("--ppo.reward gold needs the task world's prompts (data.source=world)")
+            raise UserError("--reward gold needs the task world's prompts (data.source=world)")
         value_params = with_scalar_head(sft_params, model, jax.random.PRNGKey(cfg.train.seed + 1))
         return cfg, tokenizer, sft_params, value_params, None, None
     reward_cfg, reward_tokenizer, reward_params = load_trained(cfg.ppo.reward)
     if reward_cfg.model.head != "scalar":
-        raise UserError(f"--ppo.reward {cfg.ppo.reward} is not a reward model run (model.head={reward_cfg.model.head})")
+        raise UserError(f"--reward {cfg.ppo.reward} is not a reward model run (model.head={reward_cfg.model.head})")
     mismatched = [n for n in config_lib.diff(policy_cfg.model, reward_cfg.model) if n not in ("dropout", "head")]
     if mismatched:
-        raise UserError(f"--ppo.reward {cfg.ppo.reward} and --ppo.policy {cfg.ppo.policy} differ in "
+        raise UserError(f"--reward {cfg.ppo.reward} and --policy {cfg.ppo.policy} differ in "
                         f"{', '.join('model.' + n for n in mismatched)}")
     if not _same_vocabulary(tokenizer, reward_tokenizer):
-        raise UserError(f"--ppo.reward {cfg.ppo.reward} and --ppo.policy {cfg.ppo.policy} use different tokenizers")
+        raise UserError(f"--reward {cfg.ppo.reward} and --policy {cfg.ppo.policy} use different tokenizers")
     normalization = reward_lib.load_normalization(cfg.ppo.reward)
     return cfg, tokenizer, sft_params, reward_params, reward_params, normalization
 

@@ -123,3 +123,12 @@ def test_generate_with_unknown_character_is_refused(capsys, trained_run):
 def test_generate_without_a_run_is_refused(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", "--run", tmp_path)
     assert_one_error(code, err, str(tmp_path), "config.json")
+
+
+def test_ppo_takes_its_runs_as_policy_and_reward_flags():
+    from genai_jax import cli
+
+    cfg, _ = cli.parse_stage(["--preset", "tiny", "--policy", "runs/sft", "--reward", "gold"], "ppo")
+    assert (cfg.ppo.policy, cfg.ppo.reward) == ("runs/sft", "gold")
+    cfg, _ = cli.parse_stage(["--preset", "tiny", "--ppo.policy", "runs/sft"], "ppo")
+    assert (cfg.ppo.policy, cfg.ppo.reward) == ("runs/sft", "")

@@ -92,11 +92,13 @@ def test_ppo_refuses_runs_of_the_wrong_kind(finished_pipeline, tmp_path, capsys)
     run_dir, _ = finished_pipeline
     flags = ["--train.no-progress", "--run-dir", tmp_path / "ppo"]
     code, _, err = run_cli(capsys, "ppo", *flags)
-    assert_one_error(code, err, "--ppo.policy", "--ppo.reward")
-    code, _, err = run_cli(capsys, "ppo", "--ppo.policy", run_dir / "reward", "--ppo.reward", run_dir / "reward", *flags)
+    assert_one_error(code, err, "--policy", "--reward")
+    code, _, err = run_cli(capsys, "ppo", "--policy", run_dir / "reward", "--reward", run_dir / "reward", *flags)
     assert_one_error(code, err, str(run_dir / "reward"), "not a policy run")
     code, _, err = run_cli(capsys, "ppo", "--ppo.policy", run_dir / "sft", "--ppo.reward", run_dir / "sft", *flags)
     assert_one_error(code, err, str(run_dir / "sft"), "not a reward model run")
+    code, _, err = run_cli(capsys, "sft", "--policy", run_dir / "sft", *flags)
+    assert_one_error(code, err, "--policy and --reward belong to `genai-jax ppo`")
     assert not (tmp_path / "ppo").exists()
 
 
