@@ -282,7 +282,7 @@ STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
     "ppo": {
         "tiny": {"optim": {"lr": 2e-5, "min_lr": 2e-5, "warmup_steps": 0, "weight_decay": 0.0},
                  "ppo": {"max_new_tokens": 16, "value_lr": 1e-4, "kl_coef": 0.2},
-                 "train": {"batch_size": 64, "max_steps": 100, "eval_every": 25, "ckpt_every": 25}},
+                 "train": {"batch_size": 64, "max_steps": 150, "eval_every": 50, "ckpt_every": 50}},
         "*": {"optim": {"lr": 1e-6, "min_lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0},
               "ppo": {"value_lr": 1e-5},
               "train": {"batch_size": 64, "max_steps": 200, "eval_every": 20, "ckpt_every": 20}},
