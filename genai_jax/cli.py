@@ -26,8 +26,8 @@ from typing import Annotated, Callable
 import tyro
 
 from genai_jax import rundir
-from genai_jax.config import (DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig, RunConfig,
-                              TrainConfig, UserError, preset)
+from genai_jax.config import (GOLD_PROMPTS, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
+                              RunConfig, TrainConfig, UserError, preset)
 from genai_jax.config import diff as config_diff
 
 
@@ -97,7 +97,7 @@ class EvalArgs:
     """Gold score of a run's policy on held-out prompts of the synthetic world."""
 
     run: str
-    num_prompts: int = 1000
+    num_prompts: int = GOLD_PROMPTS
     max_new_tokens: int = 32
     temperature: float = 0.0
     """0 is greedy decoding."""
@@ -139,9 +139,8 @@ class PipelineArgs:
     """Directory holding base/, sft/, reward/ and ppo/ (default runs/<preset>-pipeline)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model flags apply to every stage (e.g. --model.n-layer 4)."""
-    gold_prompts: int = 1000
-    """Held-out prompts behind each policy's gold scores in the summary (at 200 the sampled score
-    of one policy moves by up to 4 points between sampling seeds)."""
+    gold_prompts: int = GOLD_PROMPTS
+    """Held-out prompts behind each policy's gold scores in the summary."""
 
 
 def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:

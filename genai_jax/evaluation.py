@@ -66,7 +66,7 @@ def respond(cfg: RunConfig, params, tokenizer: Tokenizer, chats: list[list[dict]
     return responses
 
 
-def gold_eval(cfg: RunConfig, params, tokenizer: Tokenizer, num_prompts: int = 200, **generation) -> dict:
+def gold_eval(cfg: RunConfig, params, tokenizer: Tokenizer, num_prompts: int, **generation) -> dict:
     """Mean gold score (0-1), exact-answer share, response length and share ending with
     end-of-turn, on held-out problems of the synthetic world (never in any training data)."""
     problems = world.problems(cfg.data.seed + 3, num_prompts, held_out=True)

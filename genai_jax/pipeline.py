@@ -14,7 +14,7 @@ from pathlib import Path
 from genai_jax import config as config_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
-from genai_jax.config import RunConfig
+from genai_jax.config import GOLD_PROMPTS, RunConfig
 from genai_jax.evaluation import gold_eval
 
 STAGES = ("base", "sft", "reward", "ppo")
@@ -50,7 +50,7 @@ def finished(stage_dir: Path, cfg: RunConfig) -> bool:
     return done and (cfg.model.head != "scalar" or (stage_dir / NORMALIZATION_FILE).exists())
 
 
-def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompts: int = 1000) -> dict:
+def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompts: int = GOLD_PROMPTS) -> dict:
     """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary."""
     from genai_jax import rlhf, stages
 
