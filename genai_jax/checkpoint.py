@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import orbax.checkpoint as ocp
+
+from genai_jax import rundir
 
 
 class Checkpointer:
@@ -12,9 +14,10 @@ class Checkpointer:
     `data` (the loader's iterator state, JSON). Orbax writes each step to a temporary folder and
     renames it when complete, so an interrupted save never leaves a half-written checkpoint."""
 
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+        directory = rundir.as_path(directory)
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            directory if rundir.is_remote(directory) else directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "data"),
         )

@@ -219,16 +219,14 @@ def cmd_score(argv: list[str]) -> None:
 
 
 def cmd_eval(argv: list[str]) -> None:
-    from pathlib import Path
-
-    from genai_jax import stages
+    from genai_jax import rundir, stages
     from genai_jax.evaluation import gold_eval
 
     args = tyro.cli(EvalArgs, args=argv, prog="genai-jax eval")
     cfg, tokenizer, params = stages.load_trained(args.run)
     result = gold_eval(cfg, params, tokenizer, args.num_prompts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
-    (Path(args.run) / "eval.json").write_text(json.dumps(result, indent=2))
+    (rundir.as_path(args.run) / "eval.json").write_text(json.dumps(result, indent=2))
     for example in result["examples"]:
         print(f"  {example['prompt']!r} -> {example['response']!r} (gold {example['gold']:.2f})")
     print(f"{args.run}: gold_score {100 * result['gold_score']:.1f}/100, exact {100 * result['exact']:.1f}%, "

@@ -9,7 +9,9 @@ greedy, and a summary table is printed and saved as summary.json.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+
+from etils import epath
 
 from genai_jax import config as config_lib
 from genai_jax import rundir
@@ -21,10 +23,10 @@ STAGES = ("base", "sft", "reward", "ppo")
 SUMMARY_FILE = "summary.json"
 
 
-def pipeline_configs(preset_name: str, run_dir: str | Path, overrides: dict | None = None) -> dict[str, RunConfig]:
+def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: dict | None = None) -> dict[str, RunConfig]:
     """Each stage's config: the preset for that stage, wired to the earlier stages' directories,
     with `overrides` ({"model": {...}, ...}) applied to every stage."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.as_path(run_dir)
     configs = {
         "base": config_lib.preset(preset_name, "pretrain"),
         "sft": config_lib.replace(config_lib.preset(preset_name, "sft"), train={"init_from": str(run_dir / "base")}),
@@ -36,7 +38,7 @@ def pipeline_configs(preset_name: str, run_dir: str | Path, overrides: dict | No
     return {stage: config_lib.replace(cfg, **(overrides or {})) for stage, cfg in configs.items()}
 
 
-def finished(stage_dir: Path, cfg: RunConfig) -> bool:
+def finished(stage_dir: epath.Path, cfg: RunConfig) -> bool:
     """Whether a stage's run directory holds its final checkpoint (and, for the reward model, the
     normalisation written after it)."""
     from genai_jax.reward import NORMALIZATION_FILE
@@ -50,12 +52,12 @@ def finished(stage_dir: Path, cfg: RunConfig) -> bool:
     return done and (cfg.model.head != "scalar" or (stage_dir / NORMALIZATION_FILE).exists())
 
 
-def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompts: int = GOLD_PROMPTS) -> dict:
+def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold_prompts: int = GOLD_PROMPTS) -> dict:
     """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary."""
     from genai_jax import rlhf, stages
 
     runners = {"base": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "ppo": rlhf.ppo}
-    run_dir = Path(run_dir)
+    run_dir = rundir.as_path(run_dir)
     for stage in STAGES:
         stage_dir = run_dir / stage
         if finished(stage_dir, configs[stage]):
@@ -69,7 +71,7 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | Path, gold_prompt
     return summary
 
 
-def summarize(run_dir: Path, gold_prompts: int) -> dict:
+def summarize(run_dir: epath.Path, gold_prompts: int) -> dict:
     """Per stage: its final metrics of interest, and each policy's held-out gold score (0-100),
     sampled at temperature 1 (the policy PPO trains) and greedy."""
     from genai_jax.stages import final_record, load_trained

@@ -13,12 +13,13 @@ whenever the model scores.
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from genai_jax import rundir
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.data.chat import response_tokens
@@ -115,12 +116,12 @@ def fit_normalization(scores: np.ndarray) -> dict[str, float]:
     return {"gain": 1.0 / std, "bias": -float(np.mean(scores)) / std}
 
 
-def save_normalization(run_dir: Path, normalization: dict) -> None:
-    (run_dir / NORMALIZATION_FILE).write_text(json.dumps(normalization, indent=2))
+def save_normalization(run_dir: str | os.PathLike, normalization: dict) -> None:
+    (rundir.as_path(run_dir) / NORMALIZATION_FILE).write_text(json.dumps(normalization, indent=2))
 
 
-def load_normalization(run_dir: Path) -> dict[str, float]:
-    path = Path(run_dir) / NORMALIZATION_FILE
+def load_normalization(run_dir: str | os.PathLike) -> dict[str, float]:
+    path = rundir.as_path(run_dir) / NORMALIZATION_FILE
     if not path.exists():
         raise UserError(f"{run_dir}: no {NORMALIZATION_FILE} (not a finished reward model run)")
     return json.loads(path.read_text())

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -318,12 +318,12 @@ def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration
     return state, {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
 
 
-def ppo(cfg: RunConfig, run_dir: str | Path) -> dict:
+def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 3: PPO on the policy of `ppo.policy` against the reward model of `ppo.reward`.
     Returns the final metrics (the last iteration's record merged with the last evaluation)."""
     from genai_jax.stages import final_record, open_run, restore_target
 
-    run_dir = Path(run_dir)
+    run_dir = rundir.as_path(run_dir)
     if jax.process_count() > 1:
         raise UserError("ppo runs in one process for now (on any number of its local devices)")
     cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)

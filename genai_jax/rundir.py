@@ -1,19 +1,36 @@
-"""The run directory: config.json, metrics.jsonl, TensorBoard events, checkpoints/, samples."""
+"""The run directory: config.json, metrics.jsonl, TensorBoard events, checkpoints/, samples.
+
+A run directory is a local path or a bucket URL (gs://bucket/run): every file in it is read and
+written through etils' `epath`, as orbax writes the checkpoints.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import time
 
 import jax
+from etils import epath
 
 from genai_jax import config as config_lib
 from genai_jax.config import RunConfig, UserError
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
 
 
-def read_config(run_dir: Path) -> RunConfig:
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A run directory, or a file in one, on local disk or in a bucket (gs://...)."""
+    return epath.Path(path)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URL (gs://, s3://, ...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def read_config(run_dir: epath.Path) -> RunConfig:
     path = run_dir / CONFIG_FILE
     if not path.exists():
         raise UserError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
@@ -24,7 +41,7 @@ def read_config(run_dir: Path) -> RunConfig:
     return config_lib.from_dict(data, where=str(path))
 
 
-def check_resumable(run_dir: Path, cfg: RunConfig) -> RunConfig:
+def check_resumable(run_dir: epath.Path, cfg: RunConfig) -> RunConfig:
     """The saved config of an existing run, refusing model or data changes (they would not load).
 
     Training and optimizer settings may change between launches (e.g. more steps)."""
@@ -38,16 +55,22 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> RunConfig:
     return saved
 
 
-def write_config(run_dir: Path, cfg: RunConfig) -> None:
+def write_config(run_dir: epath.Path, cfg: RunConfig) -> None:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(config_lib.dumps(cfg))
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl and mirrors numeric fields to TensorBoard (process 0 only)."""
+    """Appends records to metrics.jsonl and mirrors numeric fields to TensorBoard (process 0 only).
 
-    def __init__(self, run_dir: Path, start_step: int = 0):
+    A local log gets each record at once. A bucket's objects cannot be appended to (nor rewritten
+    more than about once a second), so there the whole log is rewritten at most every
+    `REMOTE_REWRITE_SECONDS` and on close."""
+
+    REMOTE_REWRITE_SECONDS = 30.0
+
+    def __init__(self, run_dir: epath.Path, start_step: int = 0):
         """Records after `start_step` (left by a run that stopped after its last checkpoint) are
         dropped, so a resumed run's log has each step once; a run starting at step 0 starts a new log."""
         self.enabled = jax.process_index() == 0
@@ -55,31 +78,49 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter
 
-        path = run_dir / "metrics.jsonl"
-        if path.exists():
-            # a run starting over at step 0 (it stopped before its first checkpoint) starts a new log
-            kept = [record for record in read_metrics(run_dir) if 0 < start_step and record["step"] <= start_step]
-            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.path = run_dir / METRICS_FILE
+        # a run starting over at step 0 (it stopped before its first checkpoint) starts a new log
+        kept = [record for record in read_metrics(run_dir) if record["step"] <= start_step] if start_step else []
+        self.lines = [json.dumps(record) + "\n" for record in kept]
+        self.path.write_text("".join(self.lines))
+        self.remote = is_remote(run_dir)
+        self.file = None if self.remote else self.path.open("a")
+        self.rewritten_at = time.monotonic()
+        self.tensorboard = SummaryWriter(os.fspath(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if time.monotonic() - self.rewritten_at >= self.REMOTE_REWRITE_SECONDS:
+                self._rewrite()
+        else:
+            self.file.write(line)
+            self.file.flush()
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(name, value, record["step"])
 
+    def _rewrite(self) -> None:
+        self.path.write_text("".join(self.lines))
+        self.rewritten_at = time.monotonic()
+
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            if self.remote:
+                self._rewrite()
+            else:
+                self.file.close()
             self.tensorboard.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl (none when it has no log yet)."""
+    path = as_path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -7,12 +7,13 @@ without the CLI. Running a stage again on the same directory resumes it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from genai_jax import config as config_lib
 from genai_jax import rundir
@@ -67,7 +68,7 @@ def restore_target(abstract_state, strategy):
     )
 
 
-def open_run(cfg: RunConfig, run_dir: Path, new_tokenizer) -> tuple[RunConfig, Tokenizer]:
+def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunConfig, Tokenizer]:
     """(config with vocab filled in, tokenizer) of a new run directory, where
     `new_tokenizer(run_dir)` saves the tokenizer, or of an existing one checked for compatibility.
     A refused run directory is left exactly as it was. With several processes, all of them look
@@ -89,7 +90,7 @@ def open_run(cfg: RunConfig, run_dir: Path, new_tokenizer) -> tuple[RunConfig, T
     return with_vocab(cfg, tokenizer), tokenizer
 
 
-def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, val_source,
+def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_source, val_source,
                 initial_params=None, summary: dict | None = None):
     """The loop every stage shares: strategy, grain iterators, restore or init, compile, fit.
 
@@ -163,7 +164,7 @@ def train_stage(cfg: RunConfig, run_dir: Path, *, make_objective, train_source, 
     return strategy.state_to_host(state)
 
 
-def final_record(run_dir: Path) -> dict:
+def final_record(run_dir: epath.Path) -> dict:
     """The records of a run's last step merged, e.g. its train and eval records (process 0; others
     have none)."""
     if jax.process_index() != 0:
@@ -172,9 +173,9 @@ def final_record(run_dir: Path) -> dict:
     return {name: value for record in records if record["step"] == records[-1]["step"] for name, value in record.items()}
 
 
-def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
+def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.as_path(run_dir)
     length = check_config(cfg)
     text = sources.load_text(cfg.data)
     cfg, tokenizer = open_run(cfg, run_dir, lambda directory: build_tokenizer(cfg.data, text, directory))
@@ -195,9 +196,9 @@ def pretrain(cfg: RunConfig, run_dir: str | Path) -> dict:
     return final_record(run_dir)
 
 
-def sft(cfg: RunConfig, run_dir: str | Path) -> dict:
+def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.as_path(run_dir)
     cfg, tokenizer, base_params = load_init(cfg, "sft needs --init-from RUN_DIR (a pretraining run)")
     length = check_config(cfg)
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
@@ -231,7 +232,7 @@ def load_init(cfg: RunConfig, missing: str) -> tuple[RunConfig, Tokenizer, dict]
     return cfg, tokenizer, base_params
 
 
-def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
+def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2b: a reward model (the SFT trunk + a scalar head) trained with Bradley-Terry on
     preference groups, then normalised on the SFT policy's samples. Returns the final metrics."""
     from genai_jax import reward as reward_lib
@@ -241,7 +242,7 @@ def reward(cfg: RunConfig, run_dir: str | Path) -> dict:
     from genai_jax.model import with_scalar_head
     from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
 
-    run_dir = Path(run_dir)
+    run_dir = rundir.as_path(run_dir)
     if cfg.model.head != "scalar":
         raise UserError("a reward model needs model.head=scalar")
     cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
@@ -309,9 +310,9 @@ def sample_text(cfg: RunConfig, params, tokenizer: Tokenizer, prompt: np.ndarray
     return tokenizer.decode(np.concatenate([prompt, np.asarray(tokens[0])]))
 
 
-def load_trained(run_dir: str | Path) -> tuple[RunConfig, Tokenizer, dict]:
+def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
     """(config, tokenizer, params) of a run's latest checkpoint, on the default device."""
-    run_dir = Path(run_dir)
+    run_dir = rundir.as_path(run_dir)
     cfg = rundir.read_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints")

@@ -9,11 +9,11 @@ on, so every stage of a pipeline shares one tokenizer.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from genai_jax.config import DataConfig, UserError
 
@@ -58,7 +58,7 @@ class CharTokenizer:
         offset = len(self.specials)
         return "".join(self.chars[i - offset] if i >= offset else self.specials[i] for i in np.asarray(ids).tolist())
 
-    def save(self, directory: Path) -> "CharTokenizer":
+    def save(self, directory: epath.Path) -> "CharTokenizer":
         directory.mkdir(parents=True, exist_ok=True)
         (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "char", "chars": self.chars}))
         return self
@@ -71,21 +71,21 @@ class SentencePieceTokenizer:
     encoded a line at a time and the newline id is put back between lines.
     """
 
-    def __init__(self, model_path: Path):
+    def __init__(self, model: bytes):
+        """`model`: a serialized sentencepiece model (a .model file's bytes)."""
         import sentencepiece as spm
 
-        self.model_path = Path(model_path)
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self.model = model
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
         self.newline_id = self.sp.piece_to_id("\n")
 
     @classmethod
-    def train(cls, text: str, directory: Path, vocab_size: int, model_type: str) -> "SentencePieceTokenizer":
+    def train(cls, text: str, vocab_size: int, model_type: str) -> "SentencePieceTokenizer":
         import sentencepiece as spm
 
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:
             raise UserError("cannot train a sentencepiece tokenizer on an empty corpus")
-        directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             prefix = str(Path(tmp) / "sp")
             try:
@@ -112,8 +112,7 @@ class SentencePieceTokenizer:
                 )
             except RuntimeError as err:
                 raise UserError(f"sentencepiece training failed: {err}") from None
-            shutil.copy(prefix + ".model", directory / SP_MODEL_FILE)
-        return cls(directory / SP_MODEL_FILE)
+            return cls(Path(prefix + ".model").read_bytes())
 
     @property
     def vocab_size(self) -> int:
@@ -145,10 +144,9 @@ class SentencePieceTokenizer:
         lines.append(current)
         return "\n".join(self.sp.decode(line) for line in lines)
 
-    def save(self, directory: Path) -> "SentencePieceTokenizer":
+    def save(self, directory: epath.Path) -> "SentencePieceTokenizer":
         directory.mkdir(parents=True, exist_ok=True)
-        if self.model_path != directory / SP_MODEL_FILE:
-            shutil.copy(self.model_path, directory / SP_MODEL_FILE)
+        (directory / SP_MODEL_FILE).write_bytes(self.model)
         (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "sentencepiece", "model": SP_MODEL_FILE}))
         return self
 
@@ -156,27 +154,28 @@ class SentencePieceTokenizer:
 Tokenizer = CharTokenizer | SentencePieceTokenizer
 
 
-def build_tokenizer(cfg: DataConfig, text: str, directory: Path) -> Tokenizer:
+def build_tokenizer(cfg: DataConfig, text: str, directory: epath.Path) -> Tokenizer:
     """A tokenizer for `text` as the data config asks, saved into `directory`."""
     if cfg.tokenizer == "char":
         tokenizer = CharTokenizer.build(text)
     elif cfg.tokenizer_path:
-        if not Path(cfg.tokenizer_path).is_file():
+        model_file = epath.Path(cfg.tokenizer_path)
+        if not model_file.is_file():
             raise UserError(f"data.tokenizer_path: {cfg.tokenizer_path} does not exist")
-        tokenizer = SentencePieceTokenizer(Path(cfg.tokenizer_path))
+        tokenizer = SentencePieceTokenizer(model_file.read_bytes())
     else:
-        tokenizer = SentencePieceTokenizer.train(text, directory, cfg.sp_vocab_size, cfg.sp_model_type)
+        tokenizer = SentencePieceTokenizer.train(text, cfg.sp_vocab_size, cfg.sp_model_type)
     return tokenizer.save(directory)
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
+def load_tokenizer(directory: epath.Path) -> Tokenizer:
     path = directory / TOKENIZER_FILE
     if not path.exists():
         raise UserError(f"{directory}: no {TOKENIZER_FILE}")
     spec = json.loads(path.read_text())
     if spec["type"] == "char":
         return CharTokenizer(spec["chars"])
-    return SentencePieceTokenizer(directory / spec["model"])
+    return SentencePieceTokenizer((directory / spec["model"]).read_bytes())
 
 
 # The chat template: every message is its role token, its content and the end-of-turn token,
