@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Callable
 
 import tyro
+from etils import epath
 
 from genai_jax import rundir
 from genai_jax.config import (GOLD_PROMPTS, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
@@ -213,13 +214,13 @@ def cmd_score(argv: list[str]) -> None:
             raise UserError(f"{args.input}: conversation {number} does not end with the assistant's response")
     scores = reward.scores(cfg, params, tokenizer, [chat[:-1] for chat in chats], [chat[-1]["content"] for chat in chats],
                            normalization, args.batch_size)
-    with open(args.input) as lines_in:  # the reader accepted every line: echo each with its score
-        records = [json.loads(line) for line in lines_in if line.strip()]
+    # the reader accepted every line: echo each with its score
+    records = [json.loads(line) for line in epath.Path(args.input).read_text().splitlines() if line.strip()]
     _write_jsonl([record | {"score": float(score)} for record, score in zip(records, scores)], args.out, "scores")
 
 
 def cmd_eval(argv: list[str]) -> None:
-    from genai_jax import rundir, stages
+    from genai_jax import stages
     from genai_jax.evaluation import gold_eval
 
     args = tyro.cli(EvalArgs, args=argv, prog="genai-jax eval")
@@ -298,8 +299,7 @@ def _write_jsonl(records: list[dict], out: str, what: str) -> None:
     """One JSON line per record into `out`, or onto stdout when `out` is empty."""
     lines = "".join(json.dumps(record) + "\n" for record in records)
     if out:
-        with open(out, "w") as file:
-            file.write(lines)
+        epath.Path(out).write_text(lines)
         print(f"wrote {len(records)} {what} to {out}")
     else:
         print(lines, end="")

@@ -1,6 +1,7 @@
-"""Run directories in a Cloud Storage bucket (gs://...), against a local emulator (no network):
-the files a run keeps besides its checkpoints go through etils' epath, its TensorBoard events
-through tensorboardX's GCS writer, and the checkpoint directory reaches orbax as the URL it is.
+"""Run directories and data in a Cloud Storage bucket (gs://...), against a local emulator (no
+network): the files a run keeps besides its checkpoints, and text and JSONL data, go through etils'
+epath, TensorBoard events through tensorboardX's GCS writer, and the checkpoint directory reaches
+orbax as the URL it is.
 
 Orbax's own writes to GCS (tensorstore's OCDBT) are not run here: the emulator does not implement
 the conditional writes they rely on."""
@@ -18,6 +19,8 @@ from etils import epath
 from genai_jax import config, reward, rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig
+from genai_jax.data import sources
+from genai_jax.data.conversations import read_jsonl_conversations
 from genai_jax.tokenizer import build_tokenizer, load_tokenizer
 
 
@@ -91,3 +94,19 @@ def test_checkpoint_directory_reaches_orbax_as_a_url(bucket, tmp_path, monkeypat
     local = Checkpointer("run/checkpoints")
     assert str(local.manager.directory) == str(tmp_path / "run" / "checkpoints")
     local.close()
+
+
+def test_text_and_jsonl_data_are_read_from_a_bucket(bucket):
+    root = epath.Path(f"{bucket}/data")
+    (root / "corpus" / "sub").mkdir(parents=True, exist_ok=True)
+    (root / "corpus" / "a.txt").write_text("first half\n")
+    (root / "corpus" / "sub" / "b.txt").write_text("second half\n")
+    (root / "corpus" / "notes.md").write_text("not read")
+    assert sources.load_text(DataConfig(source="text", path=f"{bucket}/data/corpus")) == "first half\n\nsecond half\n"
+
+    chats = root / "chats.jsonl"
+    chats.write_text('{"prompt": "hi", "response": "hello"}\n\n{"prompt": "bye"}\n')
+    with pytest.raises(config.UserError, match=f"^{bucket}/data/chats.jsonl:3: "):
+        read_jsonl_conversations(str(chats))
+    assert read_jsonl_conversations(str(chats), skip_malformed=True) == (
+        [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]], 1)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning data as conversations: lists of `{"role", "content"}` messages.
 
-A local JSONL file holds one conversation per line, as `{"prompt", "response"}` (optionally
+A JSONL file (local or gs://) holds one conversation per line, as `{"prompt", "response"}` (optionally
 `"system"`) or `{"messages": [...]}`; TFDS `databricks_dolly` maps instruction (+ context) to the
 user turn and the response to the assistant's. Bad lines are a UserError naming `path:line`.
 """
@@ -8,10 +8,11 @@ user turn and the response to the assistant's. Bad lines are a UserError naming 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
-
 from typing import TypeVar
+
+from etils import epath
 
 from genai_jax.config import UserError
 
@@ -23,7 +24,7 @@ class BadLine(Exception):
     """What is wrong with one line; the reader adds the file and line number."""
 
 
-def read_jsonl_records(path: str | Path, parse: Callable[[dict], T], what: str,
+def read_jsonl_records(path: str | os.PathLike, parse: Callable[[dict], T], what: str,
                        skip_malformed: bool = False) -> tuple[list[T], int]:
     """`parse(obj)` of the JSON object on each non-blank line, and the number of lines skipped.
     A line that is not a JSON object or that `parse` rejects (BadLine) raises
@@ -42,7 +43,7 @@ def read_jsonl_records(path: str | Path, parse: Callable[[dict], T], what: str,
     return items, skipped
 
 
-def read_jsonl_conversations(path: str | Path, skip_malformed: bool = False) -> tuple[list[list[dict]], int]:
+def read_jsonl_conversations(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[list[dict]], int]:
     """Conversations of a JSONL file and the number of malformed lines skipped.
 
     Each non-blank line is `{"prompt": str, "response": str}` (optionally `"system": str`), read as
@@ -52,7 +53,7 @@ def read_jsonl_conversations(path: str | Path, skip_malformed: bool = False) -> 
     return read_jsonl_records(path, _conversation, "conversations", skip_malformed)
 
 
-def read_prompts_jsonl(path: str | Path) -> list[str]:
+def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:
     """The "prompt" of each line of a JSONL file (`{"prompt": str}` per line), for batch generation."""
     return read_jsonl_records(path, lambda record: _text_field(record, "prompt"), "prompts")[0]
 
@@ -82,9 +83,9 @@ def _decode(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def _jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) of each non-blank line; a line that is not UTF-8 is a UserError."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):

@@ -10,9 +10,9 @@ shared earlier turns are the prompt. Bad lines are a UserError naming `path:line
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from genai_jax.data.conversations import BadLine, _text_field, read_jsonl_records
 
@@ -45,7 +45,7 @@ def pairs(group: PreferenceGroup) -> list[tuple[int, int]]:
     return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]
 
 
-def read_preferences_jsonl(path: str | Path, skip_malformed: bool = False,
+def read_preferences_jsonl(path: str | os.PathLike, skip_malformed: bool = False,
                            max_responses: int = 8) -> tuple[list[PreferenceGroup], int]:
     """Preference groups of a JSONL file and the number of malformed lines skipped.
 

@@ -1,8 +1,10 @@
-"""Text sources for pretraining: the synthetic world, local text files, TFDS catalog datasets."""
+"""Text sources for pretraining: the synthetic world, text files (local or gs://), TFDS catalog datasets."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
+
+from etils import epath
 
 from genai_jax.config import DataConfig, UserError
 from genai_jax.data import world
@@ -16,13 +18,13 @@ def load_text(cfg: DataConfig) -> str:
     if source == "text":
         if not cfg.path:
             raise UserError("data.source=text needs --data.path FILE_OR_FOLDER")
-        return read_text_path(Path(cfg.path))
+        return read_text_path(epath.Path(cfg.path))
     if source.startswith("tfds:"):
         return tfds_text(source.removeprefix("tfds:"), cfg.tfds_split, cfg.text_feature)
     raise UserError(f"data.source: unknown source {source!r} (use world, text or tfds:NAME)")
 
 
-def read_text_file(path: Path) -> str:
+def read_text_file(path: epath.Path) -> str:
     """A UTF-8 text file's contents; empty, binary or undecodable files are a UserError."""
     data = path.read_bytes()
     if not data.strip():
@@ -36,12 +38,22 @@ def read_text_file(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {err.start})") from None
 
 
-def read_text_path(path: Path) -> str:
+def text_files(folder: epath.Path) -> Iterator[epath.Path]:
+    """Every *.txt file under `folder`, by listing each level (epath refuses recursive globs in
+    buckets, and its walk loses the gs:// prefix)."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            yield from text_files(child)
+        elif child.name.endswith(".txt"):
+            yield child
+
+
+def read_text_path(path: epath.Path) -> str:
     """A text file, or every *.txt file under a folder (sorted by path) joined by newlines."""
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(text_files(path), key=lambda file: file.parts)
         if not files:
             raise UserError(f"{path}: the folder holds no .txt files")
         return "\n".join(read_text_file(f) for f in files)
