@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from genai_jax import rundir
 
@@ -15,7 +16,7 @@ class Checkpointer:
     renames it when complete, so an interrupted save never leaves a half-written checkpoint."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2):
-        directory = rundir.as_path(directory)
+        directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(
             directory if rundir.is_remote(directory) else directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

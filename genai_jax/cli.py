@@ -227,7 +227,7 @@ def cmd_eval(argv: list[str]) -> None:
     cfg, tokenizer, params = stages.load_trained(args.run)
     result = gold_eval(cfg, params, tokenizer, args.num_prompts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
-    (rundir.as_path(args.run) / "eval.json").write_text(json.dumps(result, indent=2))
+    (epath.Path(args.run) / "eval.json").write_text(json.dumps(result, indent=2))
     for example in result["examples"]:
         print(f"  {example['prompt']!r} -> {example['response']!r} (gold {example['gold']:.2f})")
     print(f"{args.run}: gold_score {100 * result['gold_score']:.1f}/100, exact {100 * result['exact']:.1f}%, "

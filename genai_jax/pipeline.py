@@ -26,7 +26,7 @@ SUMMARY_FILE = "summary.json"
 def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: dict | None = None) -> dict[str, RunConfig]:
     """Each stage's config: the preset for that stage, wired to the earlier stages' directories,
     with `overrides` ({"model": {...}, ...}) applied to every stage."""
-    run_dir = rundir.as_path(run_dir)
+    run_dir = epath.Path(run_dir)
     configs = {
         "base": config_lib.preset(preset_name, "pretrain"),
         "sft": config_lib.replace(config_lib.preset(preset_name, "sft"), train={"init_from": str(run_dir / "base")}),
@@ -57,7 +57,7 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold
     from genai_jax import rlhf, stages
 
     runners = {"base": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "ppo": rlhf.ppo}
-    run_dir = rundir.as_path(run_dir)
+    run_dir = epath.Path(run_dir)
     for stage in STAGES:
         stage_dir = run_dir / stage
         if finished(stage_dir, configs[stage]):

@@ -18,8 +18,8 @@ from functools import partial
 
 import jax
 import numpy as np
+from etils import epath
 
-from genai_jax import rundir
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.data.chat import response_tokens
@@ -117,11 +117,11 @@ def fit_normalization(scores: np.ndarray) -> dict[str, float]:
 
 
 def save_normalization(run_dir: str | os.PathLike, normalization: dict) -> None:
-    (rundir.as_path(run_dir) / NORMALIZATION_FILE).write_text(json.dumps(normalization, indent=2))
+    (epath.Path(run_dir) / NORMALIZATION_FILE).write_text(json.dumps(normalization, indent=2))
 
 
 def load_normalization(run_dir: str | os.PathLike) -> dict[str, float]:
-    path = rundir.as_path(run_dir) / NORMALIZATION_FILE
+    path = epath.Path(run_dir) / NORMALIZATION_FILE
     if not path.exists():
         raise UserError(f"{run_dir}: no {NORMALIZATION_FILE} (not a finished reward model run)")
     return json.loads(path.read_text())

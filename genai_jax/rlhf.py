@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from tqdm import tqdm
 
 from genai_jax import config as config_lib
@@ -323,7 +324,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     Returns the final metrics (the last iteration's record merged with the last evaluation)."""
     from genai_jax.stages import final_record, open_run, restore_target
 
-    run_dir = rundir.as_path(run_dir)
+    run_dir = epath.Path(run_dir)
     if jax.process_count() > 1:
         raise UserError("ppo runs in one process for now (on any number of its local devices)")
     cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)

@@ -20,11 +20,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """A run directory, or a file in one, on local disk or in a bucket (gs://...)."""
-    return epath.Path(path)
-
-
 def is_remote(path: str | os.PathLike) -> bool:
     """Whether `path` is a URL (gs://, s3://, ...) rather than a local path."""
     return "://" in os.fspath(path)
@@ -118,7 +113,7 @@ class MetricsWriter:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of a run's metrics.jsonl (none when it has no log yet)."""
-    path = as_path(run_dir) / METRICS_FILE
+    path = epath.Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -175,7 +175,7 @@ def final_record(run_dir: epath.Path) -> dict:
 
 def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
-    run_dir = rundir.as_path(run_dir)
+    run_dir = epath.Path(run_dir)
     length = check_config(cfg)
     text = sources.load_text(cfg.data)
     cfg, tokenizer = open_run(cfg, run_dir, lambda directory: build_tokenizer(cfg.data, text, directory))
@@ -198,7 +198,7 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
 def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
-    run_dir = rundir.as_path(run_dir)
+    run_dir = epath.Path(run_dir)
     cfg, tokenizer, base_params = load_init(cfg, "sft needs --init-from RUN_DIR (a pretraining run)")
     length = check_config(cfg)
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
@@ -242,7 +242,7 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     from genai_jax.model import with_scalar_head
     from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
 
-    run_dir = rundir.as_path(run_dir)
+    run_dir = epath.Path(run_dir)
     if cfg.model.head != "scalar":
         raise UserError("a reward model needs model.head=scalar")
     cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
@@ -312,7 +312,7 @@ def sample_text(cfg: RunConfig, params, tokenizer: Tokenizer, prompt: np.ndarray
 
 def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
     """(config, tokenizer, params) of a run's latest checkpoint, on the default device."""
-    run_dir = rundir.as_path(run_dir)
+    run_dir = epath.Path(run_dir)
     cfg = rundir.read_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints")

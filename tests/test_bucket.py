@@ -46,7 +46,7 @@ def bucket():
 
 
 def test_config_tokenizers_and_normalization_round_trip(bucket):
-    run_dir = rundir.as_path(f"{bucket}/files")
+    run_dir = epath.Path(f"{bucket}/files")
     assert rundir.is_remote(run_dir) and str(run_dir) == f"{bucket}/files"
     cfg = config.preset("tiny")
     rundir.write_config(run_dir, cfg)
@@ -65,7 +65,7 @@ def test_config_tokenizers_and_normalization_round_trip(bucket):
 
 
 def test_metrics_log_is_rewritten_whole_and_trimmed_on_resume(bucket, monkeypatch):
-    run_dir = rundir.as_path(f"{bucket}/metrics")
+    run_dir = epath.Path(f"{bucket}/metrics")
     writer = rundir.MetricsWriter(run_dir)
     writer.write({"step": 1, "loss": 3.0})
     assert rundir.read_metrics(run_dir) == []  # rewritten at most every REMOTE_REWRITE_SECONDS
