@@ -40,8 +40,7 @@ def bucket():
     server._api.daemon = True  # its thread must not hold the process open at exit
     server.start()
     atexit.register(server.stop)
-    url = f"http://127.0.0.1:{port}"
-    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     return "gs://genai-jax-test"
 
 
