@@ -367,40 +367,43 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
     def save():
         checkpointer.save(iteration, strategy.state_to_host(state), {"iteration": iteration, "beta": beta})
+        writer.flush()
 
-    with PreemptionGuard() as guard:
-        while iteration < cfg.train.max_steps:
-            key = jax.random.fold_in(base_rng, iteration)
-            rows = prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed)
-            with placement.context():
-                response, batch, stats, timings = rollout(
-                    cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
-                    end_id=tokenizer.special_id(END), pad_id=tokenizer.pad_id, score_responses=score_responses)
-            start = time.perf_counter()
-            state, updates = ppo_updates(state, batch, step_fn, strategy, cfg, iteration, key, minibatch_rows)
-            iteration += 1
-            record = {"step": iteration, **stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer),
-                      **updates, **timings, "train_s": time.perf_counter() - start}
-            if cfg.ppo.kl_target > 0:
-                beta = adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon, len(rows))
-            writer.write(record)
-            bar.update(1)
-            bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
-            if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
-                evaluation = evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)
-                if evaluation:
-                    writer.write({"step": iteration, **evaluation})
-                    bar.write(f"iteration {iteration}: held-out gold {100 * evaluation['val_gold_score']:.1f}/100")
-            saved = iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps
-            if saved:
-                save()
-            if iteration < cfg.train.max_steps and guard.requested:
-                if not saved:
+    try:  # closed on preemption too, so the log and TensorBoard get every record
+        with PreemptionGuard() as guard:
+            while iteration < cfg.train.max_steps:
+                key = jax.random.fold_in(base_rng, iteration)
+                rows = prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed)
+                with placement.context():
+                    response, batch, stats, timings = rollout(
+                        cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
+                        end_id=tokenizer.special_id(END), pad_id=tokenizer.pad_id, score_responses=score_responses)
+                start = time.perf_counter()
+                state, updates = ppo_updates(state, batch, step_fn, strategy, cfg, iteration, key, minibatch_rows)
+                iteration += 1
+                record = {"step": iteration, **stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer),
+                          **updates, **timings, "train_s": time.perf_counter() - start}
+                if cfg.ppo.kl_target > 0:
+                    beta = adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon, len(rows))
+                writer.write(record)
+                bar.update(1)
+                bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+                if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
+                    evaluation = evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)
+                    if evaluation:
+                        writer.write({"step": iteration, **evaluation})
+                        bar.write(f"iteration {iteration}: held-out gold {100 * evaluation['val_gold_score']:.1f}/100")
+                saved = iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps
+                if saved:
                     save()
-                checkpointer.wait()
-                raise Preempted(iteration, str(checkpointer.manager.directory))
-    checkpointer.wait()
+                if iteration < cfg.train.max_steps and guard.requested:
+                    if not saved:
+                        save()
+                    checkpointer.wait()
+                    raise Preempted(iteration, str(checkpointer.manager.directory))
+        checkpointer.wait()
+    finally:
+        writer.close()
     checkpointer.close()
     bar.close()
-    writer.close()
     return final_record(run_dir)

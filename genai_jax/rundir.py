@@ -61,7 +61,8 @@ class MetricsWriter:
 
     A local log gets each record at once. A bucket's objects cannot be appended to (nor rewritten
     more than about once a second), so there the whole log is rewritten at most every
-    `REMOTE_REWRITE_SECONDS` and on close."""
+    `REMOTE_REWRITE_SECONDS`, on `flush` (with every checkpoint, so that a resumed run's log has no
+    gap) and on close."""
 
     REMOTE_REWRITE_SECONDS = 30.0
 
@@ -90,7 +91,7 @@ class MetricsWriter:
         if self.remote:
             self.lines.append(line)
             if time.monotonic() - self.rewritten_at >= self.REMOTE_REWRITE_SECONDS:
-                self._rewrite()
+                self.flush()
         else:
             self.file.write(line)
             self.file.flush()
@@ -98,15 +99,16 @@ class MetricsWriter:
             if name != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(name, value, record["step"])
 
-    def _rewrite(self) -> None:
-        self.path.write_text("".join(self.lines))
-        self.rewritten_at = time.monotonic()
+    def flush(self) -> None:
+        """Every record so far into the log (local records are there already)."""
+        if self.enabled and self.remote:
+            self.path.write_text("".join(self.lines))
+            self.rewritten_at = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
-            if self.remote:
-                self._rewrite()
-            else:
+            self.flush()
+            if not self.remote:
                 self.file.close()
             self.tensorboard.close()
 

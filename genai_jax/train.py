@@ -202,6 +202,7 @@ def fit(
 
     def save():
         checkpointer.save(step, strategy.state_to_host(state), train_iter.get_state())
+        writer.flush()
 
     if step == 0 and val_batches:  # the starting point, for fine-tuning stages above all
         writer.write({"step": 0, **evaluate(eval_fn, state, val_batches, strategy, base_rng)})

@@ -69,6 +69,8 @@ def test_metrics_log_is_rewritten_whole_and_trimmed_on_resume(bucket, monkeypatc
     writer.write({"step": 1, "loss": 3.0})
     assert rundir.read_metrics(run_dir) == []  # rewritten at most every REMOTE_REWRITE_SECONDS
     writer.write({"step": 2, "loss": 2.0})
+    writer.flush()  # as with each checkpoint
+    assert [r["step"] for r in rundir.read_metrics(run_dir)] == [1, 2]
     writer.write({"step": 3, "loss": 1.0})
     writer.close()
     assert [r["step"] for r in rundir.read_metrics(run_dir)] == [1, 2, 3]
