@@ -1,5 +1,5 @@
 """How much of what the SFT policy knows a world reward model has learned: gold accuracy on
-held-out world preference pairs (drawn as the reward stage draws them), for the reward model and,
+held-out world preference pairs (the reward stage's own), for the reward model and,
 without any training, for the SFT policy's own log-likelihood of each response. Pairs are split
 into those with a correct answer and those of two wrong answers (ordered by partial credit).
 
@@ -8,6 +8,7 @@ into those with a correct answer and those of two wrong answers (ordered by part
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,9 +29,6 @@ class Args:
     """A finished reward model run (world data)."""
     sft: str
     """The SFT run it started from."""
-    problems: int = 1000
-    """Held-out problems to draw pairs for (ties are skipped, as in training)."""
-    seed: int = 7
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -50,15 +48,12 @@ def log_likelihoods(cfg, params, tokens: np.ndarray, mask: np.ndarray, batch_siz
 def main(args: Args) -> None:
     reward_cfg, tokenizer, reward_params = stages.load_trained(args.reward)
     sft_cfg, _, sft_params = stages.load_trained(args.sft)
-    problems = world.problems(reward_cfg.data.seed + 5, args.problems, held_out=True)
-    groups, agrees = reward.world_preferences(sft_cfg, sft_params, tokenizer, problems, args.seed)
+    groups, agrees = reward.world_validation(dataclasses.replace(reward_cfg, model=sft_cfg.model), sft_params, tokenizer)
     rows, _ = build_preference_rows(groups, tokenizer, stages.seq_len(reward_cfg))
     agrees = np.asarray(agrees)
-    label_first = rows["rank"][:, 0] == 0
-    gold_first = label_first == agrees
+    gold_first = (rows["rank"][:, 0] == 0) == agrees
 
-    label_right = reward.pair_accuracy(reward_cfg, reward_params, rows)
-    reward_right = np.where(agrees, label_right, 1 - label_right)
+    reward_right = reward.gold_accuracy(reward.pair_accuracy(reward_cfg, reward_params, rows), agrees)
     n, k, length = rows["tokens"].shape
     likelihood = log_likelihoods(sft_cfg, sft_params, rows["tokens"].reshape(-1, length),
                                  rows["mask"].reshape(-1, length)).reshape(n, k)

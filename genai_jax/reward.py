@@ -54,6 +54,18 @@ def world_preferences(cfg: RunConfig, policy_params, tokenizer: Tokenizer, probl
     return groups, agrees
 
 
+def world_validation(cfg: RunConfig, policy_params, tokenizer: Tokenizer) -> tuple[list[PreferenceGroup], list[bool]]:
+    """The held-out world pairs a reward run with `cfg.data` is measured on, sampled from the policy
+    (`cfg.model`), and whether each label agrees with gold."""
+    problems = world.problems(cfg.data.seed + 5, max(cfg.data.world_pairs // 8, 64), held_out=True)
+    return world_preferences(cfg, policy_params, tokenizer, problems, cfg.data.seed + 7)
+
+
+def gold_accuracy(label_right: np.ndarray, agrees) -> np.ndarray:
+    """Per pair, 1.0 where the model orders it as gold does, from whether it matched its label."""
+    return np.where(agrees, label_right, 1 - label_right)
+
+
 @partial(jax.jit, static_argnames=("cfg",))
 def _rewards(params, tokens, mask, *, cfg):
     return sequence_rewards(GPT(cfg).apply, params, tokens, mask)

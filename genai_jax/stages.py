@@ -251,10 +251,8 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     val_agrees = None
     if cfg.data.resolved_source == "world":
         train_problems = world.problems(cfg.data.seed + 4, cfg.data.world_pairs)
-        val_problems = world.problems(cfg.data.seed + 5, max(cfg.data.world_pairs // 8, 64), held_out=True)
         train_groups, _ = reward_lib.world_preferences(policy_cfg, sft_params, tokenizer, train_problems, cfg.data.seed)
-        val_groups, val_agrees = reward_lib.world_preferences(policy_cfg, sft_params, tokenizer, val_problems,
-                                                              cfg.data.seed + 7)
+        val_groups, val_agrees = reward_lib.world_validation(policy_cfg, sft_params, tokenizer)
     else:
         train_groups, val_groups = reward_lib.load_preference_groups(cfg.data)
     train_rows, stats = build_preference_rows(train_groups, tokenizer, length, cfg.data.overlong)
@@ -289,10 +287,9 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
               "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
     if val_agrees is not None and val_rows is not None:
         accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
-        agrees = np.asarray(val_agrees)
         record |= {"val_label_accuracy": float(accuracy.mean()),
-                   "val_gold_accuracy": float(np.where(agrees, accuracy, 1 - accuracy).mean()),
-                   "val_label_gold_agreement": float(agrees.mean())}
+                   "val_gold_accuracy": float(reward_lib.gold_accuracy(accuracy, val_agrees).mean()),
+                   "val_label_gold_agreement": float(np.mean(val_agrees))}
     writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
     writer.write(record)
     writer.close()
