@@ -98,6 +98,8 @@ class Single:
     def place_batch(self, batch):
         return jax.device_put(batch, self.device)
 
+    place_global = place_batch
+
     def compile(self, step_fn: Callable, abstract_state=None, example: tuple | None = None):
         """`step_fn(state, batch, rng) -> (state, metrics)`, the state donated; compiled now when
         given `example` arguments (see `compile_ahead`)."""
@@ -170,6 +172,12 @@ class Mesh:
     def place_batch(self, batch):
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
 
+    def place_global(self, batch):
+        """Like `place_batch`, from the whole global batch, which every process holds: each process
+        puts on its devices the rows they own (PPO's rollouts, which all processes see whole)."""
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, self.batch_sharding, lambda index: x[index]), batch)
+
     def _under_mesh(self, jitted: Callable) -> Callable:
         def run(*args):
             with jax.set_mesh(self.mesh):
@@ -228,6 +236,8 @@ class Pmap:
     def place_batch(self, batch):
         return jax.tree.map(lambda x: x.reshape(self.num_shards, -1, *x.shape[1:]), batch)
 
+    place_global = place_batch  # one process: its batch is the global one
+
     def _pmap(self, fn: Callable, donate: bool) -> Callable:
         """pmap over the local devices; each device folds its index into the shared rng."""
 
@@ -255,6 +265,9 @@ class Pmap:
 
 
 def make_strategy(cfg: TrainConfig):
+    if cfg.strategy != "mesh" and jax.process_count() > 1:
+        raise UserError(f"train.strategy={cfg.strategy} runs on one process's devices; with "
+                        f"{jax.process_count()} processes use train.strategy=mesh")
     if cfg.strategy == "single":
         return Single()
     if cfg.strategy == "pmap":

@@ -40,7 +40,7 @@ from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
                                       make_ppo_objective, masked_whiten, policy_and_values)
 from genai_jax.optim import make_optimizer
-from genai_jax.parallel import Mesh, make_strategy, to_host
+from genai_jax.parallel import Mesh, host_copy, make_strategy, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
@@ -229,7 +229,8 @@ def load_models(cfg: RunConfig):
 
 
 def check_batches(cfg: RunConfig, divisor: int) -> int:
-    """Rows per minibatch, once the rollout batch splits evenly into minibatches and devices."""
+    """Rows per minibatch, once the rollout batch splits evenly into minibatches and each minibatch
+    over `divisor` devices (all processes' devices: a minibatch is global)."""
     batch, minibatches = cfg.train.batch_size, cfg.ppo.minibatches
     if minibatches < 1 or batch % minibatches:
         raise UserError(f"train.batch_size={batch} (prompts per iteration) does not split into "
@@ -268,7 +269,8 @@ def rollout_gold(prompts: Prompts, rows: np.ndarray, responses: np.ndarray, toke
 
 
 class _Placement:
-    """Where rollout inputs go: sharded over the mesh under `mesh`, on the first device otherwise."""
+    """Where rollout inputs go: sharded over the mesh under `mesh` (every process holds the whole
+    batch, see `Mesh.place_global`), on the first device otherwise."""
 
     def __init__(self, strategy):
         self.mesh = strategy.mesh if isinstance(strategy, Mesh) else None
@@ -278,7 +280,7 @@ class _Placement:
         return self.strategy.place_state(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
 
     def rows(self, tree):
-        return self.strategy.place_batch(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
+        return self.strategy.place_global(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
 
     def context(self):
         return jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext()
@@ -286,33 +288,37 @@ class _Placement:
 
 def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.ndarray, beta: float, key,
             placement: "_Placement", *, end_id: int, pad_id: int, score_responses=None):
-    """(sampled responses, train batch, stats, timings) of one iteration's prompts, on the host.
-    `score_responses(rows, responses)`, if given, scores on the host instead of the reward model."""
+    """(sampled responses, train batch, stats, timings) of one iteration's prompts, on the host
+    (whole on every process). `score_responses(rows, responses)`, if given, scores on the host
+    instead of the reward model."""
     start = time.perf_counter()
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
     response = jax.block_until_ready(generate(
         params["policy"], prompt, prompt_mask, key, cfg=cfg.model, max_new_tokens=cfg.ppo.max_new_tokens,
         temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p))
     generate_s = time.perf_counter() - start
-    scores = None if score_responses is None else placement.rows(score_responses(rows, np.asarray(response)))
+    host_response = np.asarray(host_copy(response))
+    scores = None if score_responses is None else placement.rows(score_responses(rows, host_response))
     batch, stats = experience(params, frozen["reference"], frozen["reward"], frozen["normalization"], prompt,
                               prompt_mask, response, jnp.float32(beta), scores, cfg=cfg, end_id=end_id,
                               pad_id=pad_id)
-    response, batch, stats = jax.tree.map(np.asarray, (response, batch, stats))
+    batch, stats = jax.tree.map(np.asarray, host_copy((batch, stats)))
+    response = host_response
     timings = {"generate_s": generate_s, "experience_s": time.perf_counter() - start - generate_s,
                "generate_tokens_per_s": response.size / generate_s}
     return response, batch, {name: float(value) for name, value in stats.items()}, timings
 
 
 def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration: int, key, minibatch_rows: int):
-    """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch, one
-    train step each. Returns the state and the updates' mean metrics."""
+    """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
+    on every process, so the minibatches do not depend on the number of processes), one train step
+    each. Returns the state and the updates' mean metrics."""
     updates = []
     for epoch in range(cfg.ppo.epochs):
         order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(batch["inputs"]))
         for m in range(cfg.ppo.minibatches):
             chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
-            minibatch = strategy.place_batch({name: value[chosen] for name, value in batch.items()})
+            minibatch = strategy.place_global({name: value[chosen] for name, value in batch.items()})
             state, metrics = step_fn(state, minibatch, jax.random.fold_in(key, len(updates) + 1))
             updates.append(metrics)
     updates = [strategy.metrics_to_host(metrics) for metrics in updates]
@@ -325,12 +331,10 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     from genai_jax.stages import final_record, open_run, restore_target
 
     run_dir = epath.Path(run_dir)
-    if jax.process_count() > 1:
-        raise UserError("ppo runs in one process for now (on any number of its local devices)")
     cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)
     prompts = load_prompts(cfg, tokenizer)
     strategy = make_strategy(cfg.train)
-    minibatch_rows = check_batches(cfg, strategy.batch_divisor)
+    minibatch_rows = check_batches(cfg, strategy.batch_divisor * jax.process_count())
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
 
     init_fn = make_ppo_init_fn(cfg, *(jax.tree.map(jnp.array, p) for p in (sft_params, value_params)))
@@ -356,13 +360,17 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     step_fn = strategy.compile(
         make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum), abstract_state)
 
+    def host_policy():
+        """The policy's parameters, whole on every process (a collective: all processes evaluate)."""
+        return host_copy(strategy.state_to_host(state).params["policy"])
+
     writer = rundir.MetricsWriter(run_dir, iteration)
     base_rng = to_host(strategy.state_to_host(state).rng)
     if iteration == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params),
                       "prompts": len(prompts.tokens), "prompt_len": prompts.tokens.shape[1]})
-        writer.write({"step": 0, **evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)})
-    show = cfg.train.progress
+        writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer)})
+    show = cfg.train.progress and jax.process_index() == 0
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)
 
     def save():
@@ -389,9 +397,10 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                 bar.update(1)
                 bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
                 if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
-                    evaluation = evaluate_policy(cfg, strategy.state_to_host(state).params["policy"], tokenizer)
+                    evaluation = evaluate_policy(cfg, host_policy(), tokenizer)
                     if evaluation:
                         writer.write({"step": iteration, **evaluation})
+                    if evaluation and jax.process_index() == 0:
                         bar.write(f"iteration {iteration}: held-out gold {100 * evaluation['val_gold_score']:.1f}/100")
                 saved = iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps
                 if saved:

@@ -25,7 +25,7 @@ from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
-from genai_jax.parallel import Mesh, check_fits, host_copy, make_strategy, memory_mib, sync_processes, to_host
+from genai_jax.parallel import Mesh, Single, check_fits, host_copy, make_strategy, memory_mib, sync_processes, to_host
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
@@ -322,7 +322,6 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict
     else:
         init_fn = make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps),
                                cfg.train.seed)
-    single = make_strategy(dataclasses.replace(cfg.train, strategy="single"))
-    state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), single))
+    state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
     checkpointer.close()
     return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params

@@ -1,6 +1,7 @@
 """Multi-host runs on one machine: 2 processes x 2 CPU devices, joined through
-`genai_jax.distributed` on 127.0.0.1, train like 1 process x 4 devices, and their checkpoints
-restore in one process. The distributed settings themselves are checked in-process."""
+`genai_jax.distributed` on 127.0.0.1, train like 1 process x 4 devices (pretraining, SFT, PPO),
+and their checkpoints restore in one process. The distributed settings themselves are checked
+in-process."""
 
 import os
 import shutil
@@ -20,6 +21,12 @@ from genai_jax.checkpoint import Checkpointer
 
 PRETRAIN = ["pretrain", *cli_flags(BASE_RUN)]
 SFT = ["sft", *cli_flags(sft_config(), stage="sft")]
+# Two iterations of two epochs x two minibatches (of one row per device), scored by the gold checker.
+PPO = ["ppo", "--preset", "tiny", "--reward", "gold", "--data.world-chats", 64, "--train.batch-size", 8,
+       "--train.max-steps", 2, "--train.eval-every", 2, "--train.ckpt-every", 2, "--train.no-progress",
+       "--ppo.epochs", 2, "--ppo.minibatches", 2, "--ppo.max-new-tokens", 8, "--ppo.gold-prompts", 16]
+# Wall-clock measurements, which differ between any two runs.
+TIMINGS = ("tokens_per_s", "generate_s", "experience_s", "train_s", "generate_tokens_per_s")
 TIMEOUT = 240  # seconds: a hung collective fails the test instead of blocking it
 
 
@@ -29,9 +36,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_processes(*argv, logs, processes: int = 2, devices: int = 2) -> None:
+def run_processes(*argv, logs, processes: int = 2, devices: int = 2, returncode: int = 0) -> list[str]:
     """`python -m genai_jax.cli ARGV` in `processes` processes of `devices` CPU devices each,
-    joined on 127.0.0.1; their output goes to files under `logs` (pipes could fill and block)."""
+    joined on 127.0.0.1, each expected to exit with `returncode`; their output goes to files
+    under `logs` (pipes could fill and block). Returns each process's output."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                **{distributed.COORDINATOR: f"127.0.0.1:{free_port()}", distributed.NUM_PROCESSES: str(processes)})
     logs.mkdir(parents=True, exist_ok=True)
@@ -53,7 +61,9 @@ def run_processes(*argv, logs, processes: int = 2, devices: int = 2) -> None:
             process.kill()
             process.wait()
     for index, (log, process) in enumerate(launched):
-        assert process.returncode == 0, f"process {index} exited {process.returncode}:\n{log.read_text()[-4000:]}"
+        output = log.read_text()
+        assert process.returncode == returncode, f"process {index} exited {process.returncode}:\n{output[-4000:]}"
+    return [log.read_text() for log, _ in launched]
 
 
 def run_one_process(*argv) -> None:
@@ -63,7 +73,7 @@ def run_one_process(*argv) -> None:
 
 def assert_same_records(one, two) -> None:
     """The same records in metrics.jsonl, timings aside, to float32 rounding."""
-    a, b = ([{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rundir.read_metrics(d)] for d in (one, two))
+    a, b = ([{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_metrics(d)] for d in (one, two))
     assert [r.keys() for r in b] == [r.keys() for r in a]
     for record_a, record_b in zip(a, b):
         np.testing.assert_allclose([record_b[k] for k in record_a], list(record_a.values()), rtol=1e-5, atol=1e-6,
@@ -100,12 +110,44 @@ def test_two_process_checkpoint_restores_in_one_process(tmp_path, pretrain_runs)
     assert Checkpointer(run_dir / "checkpoints").latest_step() == 6
 
 
-def test_two_processes_sft_like_one(tmp_path, pretrain_runs):
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, pretrain_runs):
+    """SFT of the two-process base run, by 1 process x 4 devices and by 2 processes x 2 devices."""
     _, base = pretrain_runs
-    one, two = tmp_path / "one", tmp_path / "two"
+    root = tmp_path_factory.mktemp("multihost-sft")
+    one, two = root / "one", root / "two"
     run_one_process(*SFT, "--init-from", base, "--run-dir", one)
-    run_processes(*SFT, "--init-from", base, "--run-dir", two, logs=tmp_path / "logs")
+    run_processes(*SFT, "--init-from", base, "--run-dir", two, logs=root / "logs")
+    return one, two
+
+
+def test_two_processes_sft_like_one(sft_runs):
+    assert_same_records(*sft_runs)
+
+
+def test_two_processes_ppo_like_one(tmp_path, sft_runs):
+    """Every process samples, scores and shuffles the whole rollout batch and feeds its devices'
+    rows, so rollouts, minibatches, updates and the held-out evaluation equal one process's."""
+    policy, _ = sft_runs
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one_process(*PPO, "--policy", policy, "--run-dir", one)
+    run_processes(*PPO, "--policy", policy, "--run-dir", two, logs=tmp_path / "logs")
+    records = rundir.read_metrics(two)
+    assert [r["step"] for r in records if "proxy_reward" in r] == [1, 2]  # process 0 alone logs
+    assert [r["step"] for r in records if "val_gold_score" in r] == [0, 2]
     assert_same_records(one, two)
+    assert_trees_close(stages.load_trained(two)[2], stages.load_trained(one)[2])
+
+
+@pytest.mark.parametrize("strategy", ["single", "pmap"])
+def test_one_process_strategies_are_refused_with_several(tmp_path, strategy):
+    """`single` and `pmap` reduce over one process's devices only: each process would train its
+    own model on its share of the data."""
+    outputs = run_processes(*PRETRAIN, "--train.strategy", strategy, "--run-dir", tmp_path / "run",
+                            logs=tmp_path / "logs", returncode=2)
+    for output in outputs:
+        assert_one_error(2, output, f"train.strategy={strategy}", "with 2 processes use train.strategy=mesh")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("env, needles", [
