@@ -105,9 +105,9 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     batch_size = loader.per_process_batch(cfg.train.batch_size, strategy.batch_divisor * cfg.optim.grad_accum)
     train_iter = loader.train_iterator(train_source, batch_size, seed=cfg.data.seed)
     val_batches = []
-    if val_source is not None and len(val_source) >= batch_size:
-        num_val = min(cfg.train.eval_batches, len(val_source) // batch_size)
-        val_batches = loader.fixed_batches(val_source, batch_size, num_val, seed=cfg.data.seed + 1)
+    if val_source is not None:
+        val_batches = loader.validation_batches(val_source, cfg.train.batch_size, cfg.train.eval_batches,
+                                                seed=cfg.data.seed + 1)
 
     model = GPT(cfg.model)
     optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)

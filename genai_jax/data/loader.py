@@ -55,10 +55,12 @@ def train_iterator(windows, batch_size: int, seed: int) -> grain.DatasetIterator
     return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
 
 
-def fixed_batches(windows, batch_size: int, num_batches: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """The same `num_batches` batches every time (a stable validation set), this process's rows."""
-    ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
-    ds = ds[jax.process_index() :: jax.process_count()].batch(batch_size, drop_remainder=True)
+def validation_batches(records, global_batch: int, max_batches: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """The same batches every time (a stable validation set), this process's rows of each global
+    batch: at most `max_batches`, and no more than `records` fills without repeating a row."""
+    num_batches = min(max_batches, len(records) // global_batch)
+    ds = grain.MapDataset.source(records).shuffle(seed=seed)[jax.process_index() :: jax.process_count()]
+    ds = ds.batch(global_batch // jax.process_count(), drop_remainder=True)
     return [ds[i] for i in range(num_batches)]
 
 
