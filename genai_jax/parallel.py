@@ -3,12 +3,13 @@
 A strategy knows how to place the state and a host batch on devices, how to compile a step
 `fn(state, batch, rng)` (on first call, or ahead of time for example arguments), and how to bring
 state and metrics back to the host. The step itself is the same function under all three; only
-`reduce` differs (identity under jit, where arrays are global; `lax.pmean` over "data" under pmap).
+`reduce` differs (identity under jit, where arrays are global; `lax.pmean`, and `lax.pmax` for
+maxima, over "data" under pmap).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -24,6 +25,22 @@ _MIN_FSDP_SIZE = 2**14
 
 def identity(tree):
     return tree
+
+
+def is_maximum(name: str) -> bool:
+    """Metrics named `*_max` are maxima: combined over devices, micro-batches and updates by max."""
+    return name.endswith("_max")
+
+
+class Reduction(NamedTuple):
+    """How a step combines values over the devices that each hold part of the batch: `mean` for
+    gradients and metrics, `max` for maxima. Identity under jit, where arrays are global."""
+
+    mean: Callable = identity
+    max: Callable = identity
+
+    def metrics(self, metrics: dict) -> dict:
+        return {name: (self.max if is_maximum(name) else self.mean)(value) for name, value in metrics.items()}
 
 
 def compile_ahead(jitted, example: tuple | None):
@@ -85,7 +102,7 @@ class Single:
     """One device, plain `jax.jit`, state donated."""
 
     name = "single"
-    reduce = staticmethod(identity)
+    reduce = Reduction()
     num_shards = 1
     batch_divisor = 1
 
@@ -140,7 +157,7 @@ class Mesh:
     """
 
     name = "mesh"
-    reduce = staticmethod(identity)
+    reduce = Reduction()
     num_shards = 1
 
     def __init__(self, data: int = -1, fsdp: int = 1):
@@ -219,7 +236,8 @@ class Pmap:
     """`jax.pmap` data parallelism over the local devices; the state is replicated per device."""
 
     name = "pmap"
-    reduce = staticmethod(lambda tree: jax.lax.pmean(tree, PMAP_AXIS))
+    reduce = Reduction(mean=lambda tree: jax.lax.pmean(tree, PMAP_AXIS),
+                       max=lambda tree: jax.lax.pmax(tree, PMAP_AXIS))
 
     def __init__(self):
         self.devices = jax.local_devices()

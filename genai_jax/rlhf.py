@@ -43,7 +43,7 @@ from genai_jax.optim import make_optimizer
 from genai_jax.parallel import Mesh, host_copy, make_strategy, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
-from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
+from genai_jax.train import Preempted, PreemptionGuard, combine_metrics, make_init_fn, make_train_step
 
 GOLD_REWARD = "gold"
 """`ppo.reward` naming the task world's gold checker instead of a reward model run."""
@@ -312,7 +312,7 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
 def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration: int, key, minibatch_rows: int):
     """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
     on every process, so the minibatches do not depend on the number of processes), one train step
-    each. Returns the state and the updates' mean metrics."""
+    each. Returns the state and the updates' metrics combined (`combine_metrics`)."""
     updates = []
     for epoch in range(cfg.ppo.epochs):
         order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(batch["inputs"]))
@@ -321,8 +321,7 @@ def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration
             minibatch = strategy.place_global({name: value[chosen] for name, value in batch.items()})
             state, metrics = step_fn(state, minibatch, jax.random.fold_in(key, len(updates) + 1))
             updates.append(metrics)
-    updates = [strategy.metrics_to_host(metrics) for metrics in updates]
-    return state, {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
+    return state, combine_metrics([strategy.metrics_to_host(metrics) for metrics in updates])
 
 
 def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:

@@ -15,7 +15,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from genai_jax.parallel import identity, to_host
+from genai_jax.parallel import Reduction, is_maximum, to_host
 
 
 class TrainState(struct.PyTreeNode):
@@ -94,14 +94,14 @@ class PreemptionGuard:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self._received))))
 
 
-def _with_denominator(batch: dict, reduce: Callable, num_micro: int) -> dict:
+def _with_denominator(batch: dict, reduce: Reduction, num_micro: int) -> dict:
     """Add `loss_denominator`: weighted items per shard, so shard means give the global mean.
 
-    `reduce` averages over devices, so reduce(local sum) = global sum / devices; dividing by the
+    `reduce.mean` averages over devices, so it makes a local sum the global sum / devices; dividing by the
     micro-batch count makes it the global count per (device, micro-batch) shard.
     """
     local_total = jnp.sum(batch["weights"].astype(jnp.float32))
-    denominator = jnp.maximum(reduce(local_total) / num_micro, 1e-6)
+    denominator = jnp.maximum(reduce.mean(local_total) / num_micro, 1e-6)
     return dict(batch, loss_denominator=denominator)
 
 
@@ -115,12 +115,22 @@ def _split_micro(batch: dict, num_micro: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(objective: Callable, optimizer: optax.GradientTransformation, reduce: Callable = identity,
+def _add_micro(total, new):
+    """((loss, metrics), grads) of two micro-batches summed, their maxima (`is_maximum`) maxed."""
+    (loss, metrics), grads = total
+    (new_loss, new_metrics), new_grads = new
+    metrics = {name: (jnp.maximum if is_maximum(name) else jnp.add)(value, new_metrics[name])
+               for name, value in metrics.items()}
+    return (loss + new_loss, metrics), jax.tree.map(jnp.add, grads, new_grads)
+
+
+def make_train_step(objective: Callable, optimizer: optax.GradientTransformation, reduce: Reduction = Reduction(),
                     accum_steps: int = 1):
     """The train step for any objective: grads of the (token-normalised) loss, reduced, applied.
 
     With `accum_steps` > 1 the batch is split into micro-batches scanned inside the step; their
-    losses share one global denominator, so accumulation changes nothing but memory.
+    losses share one global denominator, so accumulation changes nothing but memory. Metrics named
+    `*_max` are maxima over the whole batch, the others its means.
     """
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -136,12 +146,13 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
                 return grad_fn(state.params, dict(micro_batch, loss_denominator=denominator), key)
 
             def accumulate(total, micro_step):
-                return jax.tree.map(jnp.add, total, micro_grads(*micro_step)), None
+                return _add_micro(total, micro_grads(*micro_step)), None
 
             first = micro_grads(*jax.tree.map(lambda x: x[0], micro))
-            total, _ = jax.lax.scan(accumulate, first, jax.tree.map(lambda x: x[1:], micro))
-            (loss, metrics), grads = jax.tree.map(lambda x: x / accum_steps, total)
-        grads, metrics = reduce(grads), reduce(metrics | {"loss": loss})
+            (loss, metrics), grads = jax.lax.scan(accumulate, first, jax.tree.map(lambda x: x[1:], micro))[0]
+            loss, grads = loss / accum_steps, jax.tree.map(lambda x: x / accum_steps, grads)
+            metrics = {name: value if is_maximum(name) else value / accum_steps for name, value in metrics.items()}
+        grads, metrics = reduce.mean(grads), reduce.metrics(metrics | {"loss": loss})
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
@@ -151,24 +162,27 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
     return train_step
 
 
-def make_eval_step(objective: Callable, reduce: Callable = identity):
+def make_eval_step(objective: Callable, reduce: Reduction = Reduction()):
     """Loss and metrics of one batch, normalised by its global weight."""
 
     def eval_step(state: TrainState, batch: dict, rng: jax.Array):
         loss, metrics = objective(state.params, _with_denominator(batch, reduce, 1), rng)
-        return reduce(metrics | {"loss": loss})
+        return reduce.metrics(metrics | {"loss": loss})
 
     return eval_step
 
 
+def combine_metrics(records: list[dict]) -> dict[str, float]:
+    """The metrics of several equal-weight batches or steps as one record: means, and the maximum
+    of maxima (`is_maximum`)."""
+    return {name: float((np.max if is_maximum(name) else np.mean)([record[name] for record in records]))
+            for name in records[0]}
+
+
 def evaluate(eval_fn: Callable, state, batches: list[dict], strategy, rng: jax.Array) -> dict[str, float]:
-    """Mean of the eval metrics over fixed batches (equal-weight batches: a plain mean)."""
-    totals: dict[str, float] = {}
-    for batch in batches:
-        metrics = strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch), rng))
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-    return {f"val_{name}": value / len(batches) for name, value in totals.items()}
+    """The eval metrics over fixed batches (equal-weight batches: plain means)."""
+    records = [strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch), rng)) for batch in batches]
+    return {f"val_{name}": value for name, value in combine_metrics(records).items()}
 
 
 def fit(
