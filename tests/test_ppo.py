@@ -480,6 +480,18 @@ def test_ppo_step_matches_single_device(make_strategy, accum_steps, models, samp
     assert_trees_close(new_params, expected_params, rtol=1e-5, atol=1e-6)
 
 
+def test_ppo_optimizer_with_a_frozen_policy(models):
+    """optim.lr 0 (and min_lr 0) leaves the policy where it is and trains the value model alone."""
+    cfg = config.replace(PPO_RUN, optim=dict(lr=0.0, min_lr=0.0))
+    optimizer = make_ppo_optimizer(cfg)
+    params = {"policy": models["policy"], "value": models["value"]}
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    assert not any(np.any(update) for update in jax.tree.leaves(updates["policy"]))
+    np.testing.assert_allclose(max_change(updates["value"], jax.tree.map(jnp.zeros_like, params["value"])),
+                               cfg.ppo.value_lr, rtol=0.02)
+
+
 def test_check_batches():
     cfg = config.replace(PPO_RUN, train=dict(batch_size=32), ppo=dict(minibatches=2))
     assert check_batches(cfg, 8) == 16
