@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from genai_jax.config import TrainConfig, UserError
+from genai_jax.metrics import is_maximum
 
 PMAP_AXIS = "data"
 # Arrays smaller than this stay replicated under FSDP: splitting them saves nothing.
@@ -25,11 +26,6 @@ _MIN_FSDP_SIZE = 2**14
 
 def identity(tree):
     return tree
-
-
-def is_maximum(name: str) -> bool:
-    """Metrics named `*_max` are maxima: combined over devices, micro-batches and updates by max."""
-    return name.endswith("_max")
 
 
 class Reduction(NamedTuple):

@@ -35,6 +35,7 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.evaluation import bucketed_len, gold_eval, left_pad
+from genai_jax.metrics import summary
 from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
@@ -43,7 +44,7 @@ from genai_jax.optim import make_optimizer
 from genai_jax.parallel import Mesh, host_copy, make_strategy, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
-from genai_jax.train import Preempted, PreemptionGuard, combine_metrics, make_init_fn, make_train_step
+from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
 
 GOLD_REWARD = "gold"
 """`ppo.reward` naming the task world's gold checker instead of a reward model run."""
@@ -314,7 +315,7 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
 def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration: int, key, minibatch_rows: int):
     """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
     on every process, so the minibatches do not depend on the number of processes), one train step
-    each. Returns the state and the updates' metrics combined (`combine_metrics`)."""
+    each. Returns the state and the updates' metrics as one record (`metrics.summary`)."""
     updates = []
     for epoch in range(cfg.ppo.epochs):
         order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(batch["inputs"]))
@@ -323,7 +324,7 @@ def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration
             minibatch = strategy.place_global({name: value[chosen] for name, value in batch.items()})
             state, metrics = step_fn(state, minibatch, jax.random.fold_in(key, len(updates) + 1))
             updates.append(metrics)
-    return state, combine_metrics([strategy.metrics_to_host(metrics) for metrics in updates])
+    return state, summary([strategy.metrics_to_host(metrics) for metrics in updates])
 
 
 def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:

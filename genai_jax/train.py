@@ -15,7 +15,8 @@ from flax import struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from genai_jax.parallel import Reduction, is_maximum, to_host
+from genai_jax.metrics import is_maximum, summary
+from genai_jax.parallel import Reduction, to_host
 
 
 class TrainState(struct.PyTreeNode):
@@ -119,7 +120,7 @@ def _add_micro(total, new):
     """((loss, metrics), grads) of two micro-batches summed, their maxima (`is_maximum`) maxed."""
     (loss, metrics), grads = total
     (new_loss, new_metrics), new_grads = new
-    metrics = {name: (jnp.maximum if is_maximum(name) else jnp.add)(value, new_metrics[name])
+    metrics = {name: jax.tree.map(jnp.maximum if is_maximum(name) else jnp.add, value, new_metrics[name])
                for name, value in metrics.items()}
     return (loss + new_loss, metrics), jax.tree.map(jnp.add, grads, new_grads)
 
@@ -129,8 +130,8 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
     """The train step for any objective: grads of the (token-normalised) loss, reduced, applied.
 
     With `accum_steps` > 1 the batch is split into micro-batches scanned inside the step; their
-    losses share one global denominator, so accumulation changes nothing but memory. Metrics named
-    `*_max` are maxima over the whole batch, the others its means.
+    losses share one global denominator, so accumulation changes nothing but memory. Metrics are
+    the whole batch's, as `genai_jax.metrics` describes.
     """
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -151,7 +152,8 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
             first = micro_grads(*jax.tree.map(lambda x: x[0], micro))
             (loss, metrics), grads = jax.lax.scan(accumulate, first, jax.tree.map(lambda x: x[1:], micro))[0]
             loss, grads = loss / accum_steps, jax.tree.map(lambda x: x / accum_steps, grads)
-            metrics = {name: value if is_maximum(name) else value / accum_steps for name, value in metrics.items()}
+            metrics = {name: value if is_maximum(name) else jax.tree.map(lambda x: x / accum_steps, value)
+                       for name, value in metrics.items()}
         grads, metrics = reduce.mean(grads), reduce.metrics(metrics | {"loss": loss})
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(
@@ -172,17 +174,10 @@ def make_eval_step(objective: Callable, reduce: Reduction = Reduction()):
     return eval_step
 
 
-def combine_metrics(records: list[dict]) -> dict[str, float]:
-    """The metrics of several equal-weight batches or steps as one record: means, and the maximum
-    of maxima (`is_maximum`)."""
-    return {name: float((np.max if is_maximum(name) else np.mean)([record[name] for record in records]))
-            for name in records[0]}
-
-
 def evaluate(eval_fn: Callable, state, batches: list[dict], strategy, rng: jax.Array) -> dict[str, float]:
     """The eval metrics over fixed batches (equal-weight batches: plain means)."""
     records = [strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch), rng)) for batch in batches]
-    return {f"val_{name}": value for name, value in combine_metrics(records).items()}
+    return {f"val_{name}": value for name, value in summary(records).items()}
 
 
 def fit(
@@ -228,7 +223,7 @@ def fit(
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    metrics = {k: float(v) for k, v in strategy.metrics_to_host(metrics).items()}
+                    metrics = summary([strategy.metrics_to_host(metrics)])
                     now = time.perf_counter()
                     tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step

@@ -15,6 +15,7 @@ from conftest import NUM_DEVICES, assert_trees_close, lm_batch, random_tokens, t
 from genai_jax import config
 from genai_jax.config import OptimConfig
 from genai_jax.evaluation import left_pad
+from genai_jax.metrics import summary
 from genai_jax.model import GPT, init_params
 from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
 from genai_jax.objectives.lm import make_lm_objective
@@ -191,7 +192,7 @@ def run_steps(strategy, host_state, objective, optimizer, batches) -> tuple[list
     records = []
     for i, batch in enumerate(batches):
         state, metrics = step(state, strategy.place_batch(batch), jax.random.PRNGKey(100 + i))
-        records.append({name: float(value) for name, value in strategy.metrics_to_host(metrics).items()})
+        records.append(summary([strategy.metrics_to_host(metrics)]))
     return records, state
 
 

@@ -13,6 +13,7 @@ from conftest import NUM_DEVICES, VOCAB, assert_trees_close, random_tokens, tiny
 from genai_jax import config
 from genai_jax.config import UserError
 from genai_jax.evaluation import left_pad
+from genai_jax.metrics import summary
 from genai_jax.model import GPT, init_params
 from genai_jax.objectives.ppo import adaptive_kl_update, gae, kl_estimate, make_ppo_objective, masked_whiten
 from genai_jax.parallel import Mesh, Pmap, Single
@@ -434,7 +435,7 @@ def one_ppo_step(strategy, models, batch, accum_steps: int = 1) -> tuple[dict, d
     step = strategy.compile(make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, accum_steps),
                             abstract_state)
     state, metrics = step(state, strategy.place_batch(batch), jax.random.PRNGKey(2))
-    metrics = {name: float(value) for name, value in strategy.metrics_to_host(metrics).items()}
+    metrics = summary([strategy.metrics_to_host(metrics)])
     return metrics, jax.tree.map(np.asarray, jax.device_get(strategy.state_to_host(state).params))
 
 

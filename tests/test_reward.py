@@ -29,6 +29,7 @@ from genai_jax.config import UserError
 from genai_jax.data import world
 from genai_jax.data.chat import build_preference_rows
 from genai_jax.data.preferences import PreferenceGroup
+from genai_jax.metrics import summary
 from genai_jax.model import GPT, init_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import make_bradley_terry_objective, sequence_rewards
 from genai_jax.parallel import Mesh, Pmap, Single, fsdp_spec
@@ -86,12 +87,13 @@ def stub_apply(params, tokens, head="lm", **kwargs):
 def bt_objective(batch, table, centering=0.0):
     objective = make_bradley_terry_objective(stub_apply, deterministic=True, centering=centering)
     loss, metrics = objective(table, batch, jax.random.PRNGKey(0))
-    return float(loss), {name: float(value) for name, value in metrics.items()}
+    return float(loss), summary([metrics])
 
 
 def hand_bradley_terry(rank, margin, centering=0.0) -> dict[str, float]:
     """Loss and metrics by hand in float64: per prompt, the mean over the pairs its ranking implies."""
-    totals = dict(loss=0.0, accuracy=0.0, margin=0.0, chosen_reward=0.0, rejected_reward=0.0)
+    totals = dict(loss=0.0, accuracy=0.0, margin=0.0, chosen_reward=0.0, rejected_reward=0.0, chosen_square=0.0,
+                  rejected_square=0.0)
     for b in range(B):
         if WEIGHTS[b] == 0:
             continue
@@ -106,12 +108,17 @@ def hand_bradley_terry(rank, margin, centering=0.0) -> dict[str, float]:
             totals["margin"] += w * (better - worse)
             totals["chosen_reward"] += w * better
             totals["rejected_reward"] += w * worse
-    return {name: value / WEIGHTS.sum() for name, value in totals.items()}
+            totals["chosen_square"] += w * better**2
+            totals["rejected_square"] += w * worse**2
+    means = {name: value / WEIGHTS.sum() for name, value in totals.items()}
+    for side in ("chosen", "rejected"):
+        means[f"{side}_reward_std"] = np.sqrt(means.pop(f"{side}_square") - means[f"{side}_reward"] ** 2)
+    return means
 
 
 def assert_matches_hand(loss, metrics, expected):
     np.testing.assert_allclose(loss, expected["loss"], rtol=1e-5)
-    for name in ("accuracy", "margin", "chosen_reward", "rejected_reward"):
+    for name in ("accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_reward_std", "rejected_reward_std"):
         np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
@@ -323,7 +330,7 @@ def step_rows() -> dict:
     return rows
 
 
-def one_bt_step(strategy) -> tuple[dict, dict]:
+def one_bt_step(strategy, accum_steps: int = 1) -> tuple[dict, dict]:
     """(metrics, params) on the host after one Bradley-Terry step with plain SGD."""
     optimizer = optax.sgd(0.5)
 
@@ -333,9 +340,9 @@ def one_bt_step(strategy) -> tuple[dict, dict]:
     abstract_state = jax.eval_shape(init_fn)
     state = strategy.compile_init(init_fn, abstract_state)()
     objective = make_bradley_terry_objective(GPT(STEP_MODEL).apply, deterministic=True)
-    step = strategy.compile(make_train_step(objective, optimizer, strategy.reduce), abstract_state)
+    step = strategy.compile(make_train_step(objective, optimizer, strategy.reduce, accum_steps), abstract_state)
     state, metrics = step(state, strategy.place_batch(step_rows()), jax.random.PRNGKey(2))
-    metrics = {name: float(value) for name, value in strategy.metrics_to_host(metrics).items()}
+    metrics = summary([strategy.metrics_to_host(metrics)])
     return metrics, jax.tree.map(np.asarray, jax.device_get(strategy.state_to_host(state).params))
 
 
@@ -357,16 +364,18 @@ def test_bradley_terry_step_on_one_device(single_bt_step):
     assert moved["params"]["scalar_head"]["kernel"] > 1e-4 and moved["params"]["wte"] > 1e-6
 
 
-@pytest.mark.parametrize("make_strategy", [Mesh, lambda: Mesh(fsdp=2), Pmap], ids=["mesh", "mesh-fsdp2", "pmap"])
-def test_bradley_terry_step_matches_single_device(make_strategy, single_bt_step):
+@pytest.mark.parametrize("make_strategy, accum_steps", [(Mesh, 1), (lambda: Mesh(fsdp=2), 1), (Pmap, 1), (Single, 2)],
+                         ids=["mesh", "mesh-fsdp2", "pmap", "single-accum2"])
+def test_bradley_terry_step_matches_single_device(make_strategy, accum_steps, single_bt_step):
     assert jax.device_count() == NUM_DEVICES
     strategy = make_strategy()
     if isinstance(strategy, Mesh) and strategy.fsdp > 1:
         specs = jax.tree.leaves(jax.tree.map(lambda x: fsdp_spec(x.shape, strategy.fsdp), init(STEP_MODEL)))
         assert any("fsdp" in spec for spec in specs)  # some parameters really are split
-    metrics, new_params = one_bt_step(strategy)
+    metrics, new_params = one_bt_step(strategy, accum_steps)
     expected_metrics, expected_params = single_bt_step
-    for name in ("loss", "accuracy", "margin", "grad_norm"):
+    assert set(metrics) == set(expected_metrics)
+    for name in metrics:  # the reward stds too: a Spread's moments average exactly over devices
         np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=2e-5, atol=1e-7, err_msg=name)
     assert_trees_close(new_params, expected_params, rtol=1e-4, atol=1e-6)
 

@@ -29,6 +29,7 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig
 from genai_jax.data import world
 from genai_jax.data.chat import build_rows, load_conversations
+from genai_jax.metrics import summary
 from genai_jax.model import GPT
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.parallel import Mesh, Pmap, Single
@@ -251,7 +252,7 @@ def one_train_step(strategy, accum_steps: int) -> tuple[dict, dict]:
     objective = make_masked_lm_objective(GPT(MODEL).apply, deterministic=True)
     step = strategy.compile(make_train_step(objective, optimizer, strategy.reduce, accum_steps), abstract_state)
     state, metrics = step(state, strategy.place_batch(step_batch()), jax.random.PRNGKey(2))
-    metrics = {name: float(value) for name, value in strategy.metrics_to_host(metrics).items()}
+    metrics = summary([strategy.metrics_to_host(metrics)])
     return metrics, jax.tree.map(np.asarray, jax.device_get(strategy.state_to_host(state).params))
 
 

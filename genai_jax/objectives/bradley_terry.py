@@ -16,6 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from genai_jax.metrics import Spread
+
 
 def sequence_rewards(apply_fn: Callable, params, tokens, mask, deterministic: bool = True, rng=None):
     """r [N] at the last real token of each row of tokens [N, T]. Positions count real tokens and
@@ -57,8 +59,8 @@ def make_bradley_terry_objective(apply_fn: Callable, deterministic: bool = False
             "margin": mean(chosen - rejected),
             "chosen_reward": chosen_mean,
             "rejected_reward": rejected_mean,
-            "chosen_reward_std": jnp.sqrt(jnp.maximum(mean(chosen**2) - chosen_mean**2, 0.0)),
-            "rejected_reward_std": jnp.sqrt(jnp.maximum(mean(rejected**2) - rejected_mean**2, 0.0)),
+            "chosen_reward_std": Spread(chosen_mean, mean(chosen**2)),
+            "rejected_reward_std": Spread(rejected_mean, mean(rejected**2)),
         }
 
     return objective
