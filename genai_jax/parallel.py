@@ -75,6 +75,18 @@ def check_fits(memory: dict[str, float] | None, device) -> None:
         )
 
 
+def compile_step(strategy, train_step: Callable, abstract_state, example: tuple):
+    """(`train_step` compiled by `strategy` ahead of time for `example` arguments, its memory per
+    device or None): refused if it cannot fit the device (`check_fits`), its memory printed once."""
+    compiled = strategy.compile(train_step, abstract_state, example=example)
+    memory = memory_mib(compiled)
+    check_fits(memory, jax.local_devices()[0])
+    if jax.process_index() == 0:
+        print("train step memory per device: " + ("not reported by this backend" if memory is None else
+                                                  ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in memory.items())))
+    return compiled, memory
+
+
 def to_host(tree) -> Any:
     """Numpy copies of (possibly sharded, possibly multi-process) replicated arrays."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)

@@ -41,7 +41,7 @@ from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
                                       make_ppo_objective, masked_whiten, policy_and_values)
 from genai_jax.optim import make_optimizer
-from genai_jax.parallel import Mesh, host_copy, make_strategy, to_host
+from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
@@ -312,6 +312,21 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
     return response, batch, {name: float(value) for name, value in stats.items()}, timings
 
 
+def example_minibatch(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: int, *, end_id: int,
+                      pad_id: int, gold: bool) -> dict:
+    """Zeros shaped like a minibatch of `rows` of `experience`'s train batch, to compile the step
+    ahead of time (`gold`: the scores come from the host, as with `ppo.reward=gold`)."""
+    batch_size = cfg.train.batch_size
+    prompt = jax.ShapeDtypeStruct((batch_size, prompts.tokens.shape[1]), prompts.tokens.dtype)
+    prompt_mask = jax.ShapeDtypeStruct(prompt.shape, prompts.mask.dtype)
+    response = jax.ShapeDtypeStruct((batch_size, cfg.ppo.max_new_tokens), jnp.int32)
+    scores = jax.ShapeDtypeStruct((batch_size,), jnp.float32) if gold else None
+    batch, _ = jax.eval_shape(partial(experience, cfg=cfg, end_id=end_id, pad_id=pad_id), params, frozen["reference"],
+                              frozen["reward"], frozen["normalization"], prompt, prompt_mask, response,
+                              jnp.float32(0.0), scores)
+    return {name: np.zeros((rows, *x.shape[1:]), x.dtype) for name, x in batch.items()}
+
+
 def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration: int, key, minibatch_rows: int):
     """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
     on every process, so the minibatches do not depend on the number of processes), one train step
@@ -359,8 +374,12 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     objective = make_ppo_objective(
         GPT(cfg.model).apply, clip_ratio=cfg.ppo.clip_ratio, clip_value=cfg.ppo.clip_value,
         value_coef=cfg.ppo.value_coef, entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.ppo.temperature)
-    step_fn = strategy.compile(
-        make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum), abstract_state)
+    end_id = tokenizer.special_id(END)
+    example = example_minibatch(cfg, strategy.state_to_host(state).params, frozen, prompts, minibatch_rows,
+                                end_id=end_id, pad_id=tokenizer.pad_id, gold=score_responses is not None)
+    step_fn, memory = compile_step(
+        strategy, make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum),
+        abstract_state, example=(state, strategy.place_global(example), jax.random.PRNGKey(0)))
 
     def host_policy():
         """The policy's parameters, whole on every process (a collective: all processes evaluate)."""
@@ -369,8 +388,9 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     writer = rundir.MetricsWriter(run_dir, iteration)
     base_rng = to_host(strategy.state_to_host(state).rng)
     if iteration == 0:
-        writer.write({"step": 0, "n_params": count_params(abstract_state.params),
-                      "prompts": len(prompts.tokens), "prompt_len": prompts.tokens.shape[1]})
+        writer.write({"step": 0, "n_params": count_params(abstract_state.params), "prompts": len(prompts.tokens),
+                      "prompt_len": prompts.tokens.shape[1],
+                      **({} if memory is None else {"step_memory_mib": memory["peak"]})})
         writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer)})
     show = cfg.train.progress and jax.process_index() == 0
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)
@@ -387,7 +407,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                 with placement.context():
                     response, batch, stats, timings = rollout(
                         cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
-                        end_id=tokenizer.special_id(END), pad_id=tokenizer.pad_id, score_responses=score_responses)
+                        end_id=end_id, pad_id=tokenizer.pad_id, score_responses=score_responses)
                 start = time.perf_counter()
                 state, updates = ppo_updates(state, batch, step_fn, strategy, cfg, iteration, key, minibatch_rows)
                 iteration += 1

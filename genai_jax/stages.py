@@ -25,7 +25,7 @@ from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
-from genai_jax.parallel import Mesh, Single, check_fits, host_copy, make_strategy, memory_mib, sync_processes, to_host
+from genai_jax.parallel import Mesh, Single, compile_step, host_copy, make_strategy, sync_processes, to_host
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
@@ -128,16 +128,12 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
 
     example_batch = jax.tree.map(lambda x: np.zeros((batch_size, *np.shape(x)), np.asarray(x).dtype),
                                  train_source[0])
-    step_fn = strategy.compile(
+    step_fn, memory = compile_step(
+        strategy,
         make_train_step(make_objective(model.apply, False), optimizer, strategy.reduce, cfg.optim.grad_accum),
         abstract_state,
         example=(state, strategy.place_batch(example_batch), jax.random.PRNGKey(0)),
     )
-    memory = memory_mib(step_fn)
-    check_fits(memory, jax.local_devices()[0])
-    if jax.process_index() == 0:
-        print("train step memory per device: " + ("not reported by this backend" if memory is None else
-                                                  ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in memory.items())))
     eval_fn = strategy.compile_eval(make_eval_step(make_objective(model.apply, True), strategy.reduce), abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:

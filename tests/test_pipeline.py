@@ -46,6 +46,7 @@ def test_pipeline_runs_every_stage_and_summarises(finished_pipeline, capsys):
     assert np.isfinite(summary["ppo"]["kl"]) and np.isfinite(summary["base"]["val_loss"])
     ppo_records = rundir.read_metrics(run_dir / "ppo")
     assert [r["step"] for r in ppo_records if "proxy_reward" in r] == [1, 2]
+    assert ppo_records[0]["step_memory_mib"] > 0  # PPO's step, too, is compiled ahead of time
     # The stages are wired: ppo starts from this pipeline's sft and reward runs.
     ppo_cfg = rundir.read_config(run_dir / "ppo")
     assert (ppo_cfg.ppo.policy, ppo_cfg.ppo.reward) == (str(run_dir / "sft"), str(run_dir / "reward"))
