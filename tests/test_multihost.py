@@ -98,6 +98,8 @@ def test_two_processes_pretrain_like_one(pretrain_runs):
 
 
 def test_two_process_checkpoint_restores_in_one_process(tmp_path, pretrain_runs):
+    """...and goes on with the batches one process would have drawn: the data position is a count
+    of global batches (batch k holds the same rows however many processes share it)."""
     one, two = pretrain_runs
     assert_trees_close(stages.load_trained(two)[2], stages.load_trained(one)[2])
 
@@ -106,8 +108,12 @@ def test_two_process_checkpoint_restores_in_one_process(tmp_path, pretrain_runs)
     run_one_process(*PRETRAIN, "--train.max-steps", 6, "--run-dir", run_dir)
     records = rundir.read_metrics(run_dir)
     assert records[: len(before)] == before
-    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
     assert Checkpointer(run_dir / "checkpoints").latest_step() == 6
+    straight = tmp_path / "straight"
+    run_one_process(*PRETRAIN, "--train.max-steps", 6, "--run-dir", straight)
+    resumed, expected = train_losses(run_dir), train_losses(straight)
+    assert sorted(resumed) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([resumed[5], resumed[6]], [expected[5], expected[6]], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
