@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 from etils import epath
 
 from genai_jax import config as config_lib
@@ -53,19 +54,25 @@ def finished(stage_dir: epath.Path, cfg: RunConfig) -> bool:
 
 
 def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold_prompts: int = GOLD_PROMPTS) -> dict:
-    """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary."""
+    """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary (with
+    several processes, process 0 alone writes and returns it; the others return {})."""
     from genai_jax import rlhf, stages
 
     runners = {"base": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "ppo": rlhf.ppo}
     run_dir = epath.Path(run_dir)
+    primary = jax.process_index() == 0
     for stage in STAGES:
         stage_dir = run_dir / stage
         if finished(stage_dir, configs[stage]):
-            print(f"pipeline: {stage} already finished in {stage_dir}, skipping")
+            if primary:
+                print(f"pipeline: {stage} already finished in {stage_dir}, skipping")
             continue
-        print(f"pipeline: {stage} -> {stage_dir}")
+        if primary:
+            print(f"pipeline: {stage} -> {stage_dir}")
         rundir.print_final(stage, stage_dir, runners[stage](configs[stage], stage_dir))
-    summary = summarize(run_dir, gold_prompts)
+    summary = summarize(run_dir, gold_prompts)  # on every process: orbax restores are collective
+    if not primary:
+        return {}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
     return summary

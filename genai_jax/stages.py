@@ -266,29 +266,30 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         summary=stats,
     )
     reward_params = host_copy(state.params)  # a collective: every process takes part
-    if jax.process_index() != 0:
-        return {}
-    # Normalise on the policy's samples for training prompts; check on a second, independent draw.
-    prompts = [list(group.prompt) for group in train_groups[:256]]
-    fit_samples, check_samples = (
-        [r.text for r in respond(policy_cfg, sft_params, tokenizer, prompts, max_new_tokens=16, temperature=1.0,
-                                 seed=cfg.data.seed + offset)]
-        for offset in (11, 13)
-    )
-    normalization = reward_lib.fit_normalization(
-        reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
-    reward_lib.save_normalization(run_dir, normalization)
-    check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
-    record = {"step": cfg.train.max_steps, **normalization,
-              "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
-    if val_agrees is not None and val_rows is not None:
-        accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
-        record |= {"val_label_accuracy": float(accuracy.mean()),
-                   "val_gold_accuracy": float(reward_lib.gold_accuracy(accuracy, val_agrees).mean()),
-                   "val_label_gold_agreement": float(np.mean(val_agrees))}
-    writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-    writer.write(record)
-    writer.close()
+    record = {}
+    if jax.process_index() == 0:  # the others wait at the barrier below
+        # Normalise on the policy's samples for training prompts; check on a second, independent draw.
+        prompts = [list(group.prompt) for group in train_groups[:256]]
+        fit_samples, check_samples = (
+            [r.text for r in respond(policy_cfg, sft_params, tokenizer, prompts, max_new_tokens=16, temperature=1.0,
+                                     seed=cfg.data.seed + offset)]
+            for offset in (11, 13)
+        )
+        normalization = reward_lib.fit_normalization(
+            reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
+        reward_lib.save_normalization(run_dir, normalization)
+        check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
+        record = {"step": cfg.train.max_steps, **normalization,
+                  "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
+        if val_agrees is not None and val_rows is not None:
+            accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
+            record |= {"val_label_accuracy": float(accuracy.mean()),
+                       "val_gold_accuracy": float(reward_lib.gold_accuracy(accuracy, val_agrees).mean()),
+                       "val_label_gold_agreement": float(np.mean(val_agrees))}
+        writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
+        writer.write(record)
+        writer.close()
+    sync_processes("reward: normalised")  # a later stage of this launch (the pipeline's ppo) reads it
     return record
 
 

@@ -3,6 +3,7 @@
 and their checkpoints restore in one process. The distributed settings themselves are checked
 in-process."""
 
+import json
 import os
 import shutil
 import socket
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from conftest import (REPO, assert_one_error, assert_trees_close, cli_flags, run_cli, run_cli_subprocess,
                       train_losses)
+from test_pipeline import small_configs
 from test_sft import BASE_RUN, sft_config
 
-from genai_jax import distributed, rundir, stages
+from genai_jax import distributed, pipeline, rundir, stages
 from genai_jax.checkpoint import Checkpointer
 
 PRETRAIN = ["pretrain", *cli_flags(BASE_RUN)]
@@ -25,6 +27,16 @@ SFT = ["sft", *cli_flags(sft_config(), stage="sft")]
 PPO = ["ppo", "--preset", "tiny", "--reward", "gold", "--data.world-chats", 64, "--train.batch-size", 8,
        "--train.max-steps", 2, "--train.eval-every", 2, "--train.ckpt-every", 2, "--train.no-progress",
        "--ppo.epochs", 2, "--ppo.minibatches", 2, "--ppo.max-new-tokens", 8, "--ppo.gold-prompts", 16]
+# The pipeline of test_pipeline's small configs (saved as CONFIGS_DIR/<stage>/config.json).
+PIPELINE = """
+import sys
+from pathlib import Path
+from genai_jax import distributed, pipeline, rundir
+distributed.initialize()
+configs_dir, run_dir = sys.argv[1:]
+configs = {stage: rundir.read_config(Path(configs_dir, stage)) for stage in pipeline.STAGES}
+print("returned", sorted(pipeline.run_pipeline(configs, run_dir, gold_prompts=16)))
+"""
 # Wall-clock measurements, which differ between any two runs.
 TIMINGS = ("tokens_per_s", "generate_s", "experience_s", "train_s", "generate_tokens_per_s")
 TIMEOUT = 240  # seconds: a hung collective fails the test instead of blocking it
@@ -36,10 +48,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_processes(*argv, logs, processes: int = 2, devices: int = 2, returncode: int = 0) -> list[str]:
-    """`python -m genai_jax.cli ARGV` in `processes` processes of `devices` CPU devices each,
-    joined on 127.0.0.1, each expected to exit with `returncode`; their output goes to files
-    under `logs` (pipes could fill and block). Returns each process's output."""
+def run_processes(*argv, logs, processes: int = 2, devices: int = 2, returncode: int = 0,
+                  program: tuple[str, ...] = ("-m", "genai_jax.cli")) -> list[str]:
+    """`python PROGRAM ARGV` (the CLI by default) in `processes` processes of `devices` CPU
+    devices each, joined on 127.0.0.1, each expected to exit with `returncode`; their output goes
+    to files under `logs` (pipes could fill and block). Returns each process's output."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                **{distributed.COORDINATOR: f"127.0.0.1:{free_port()}", distributed.NUM_PROCESSES: str(processes)})
     logs.mkdir(parents=True, exist_ok=True)
@@ -48,7 +61,7 @@ def run_processes(*argv, logs, processes: int = 2, devices: int = 2, returncode:
         log = logs / f"process{index}.log"
         with open(log, "w") as out:
             launched.append((log, subprocess.Popen(
-                [sys.executable, "-m", "genai_jax.cli", *map(str, argv)], cwd=REPO, stdout=out,
+                [sys.executable, *program, *map(str, argv)], cwd=REPO, stdout=out,
                 stderr=subprocess.STDOUT, env=env | {distributed.PROCESS_ID: str(index)})))
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -143,6 +156,21 @@ def test_two_processes_ppo_like_one(tmp_path, sft_runs):
     assert [r["step"] for r in records if "val_gold_score" in r] == [0, 2]
     assert_same_records(one, two)
     assert_trees_close(stages.load_trained(two)[2], stages.load_trained(one)[2])
+
+
+def test_two_processes_run_the_pipeline(tmp_path):
+    """The whole recipe on 2 processes: every process takes part in every stage and in the final
+    evaluation (orbax restores are collective), process 0 alone writes the summary, complete; the
+    reward stage holds the others until its normalisation, which ppo reads next, is written."""
+    run_dir = tmp_path / "run"
+    for stage, cfg in small_configs(run_dir).items():
+        rundir.write_config(tmp_path / "configs" / stage, cfg)
+    outputs = run_processes(tmp_path / "configs", run_dir, logs=tmp_path / "logs", program=("-c", PIPELINE))
+    assert "returned ['base', 'ppo', 'reward', 'sft']" in outputs[0] and "returned []" in outputs[1]
+    summary = json.loads((run_dir / pipeline.SUMMARY_FILE).read_text())
+    assert set(summary) == set(pipeline.STAGES)
+    assert all(value is not None for row in summary.values() for value in row.values()), summary
+    assert "stage" not in outputs[1]  # no second table
 
 
 @pytest.mark.parametrize("strategy", ["single", "pmap"])
