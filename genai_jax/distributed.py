@@ -53,6 +53,13 @@ def _coordinator() -> str | None:
     return address
 
 
+def say(message: str) -> None:
+    """Print `message` on process 0 only: every process runs the same code, and N copies of a
+    line help nobody."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def initialize() -> None:
     """Join the distributed system the environment describes, if any; a second call does nothing.
 
@@ -86,6 +93,6 @@ def initialize() -> None:
         # Processes on CPU exchange their collectives through gloo (the default only in recent JAX).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=process_id)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # on stderr, unlike `say`: start-up diagnostics
         print(f"distributed: {jax.process_count()} processes, {jax.local_device_count()} local devices, "
               f"{jax.device_count()} global devices", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from genai_jax.config import TrainConfig, UserError
+from genai_jax.distributed import say
 from genai_jax.metrics import is_maximum
 
 PMAP_AXIS = "data"
@@ -81,9 +82,8 @@ def compile_step(strategy, train_step: Callable, abstract_state, example: tuple)
     compiled = strategy.compile(train_step, abstract_state, example=example)
     memory = memory_mib(compiled)
     check_fits(memory, jax.local_devices()[0])
-    if jax.process_index() == 0:
-        print("train step memory per device: " + ("not reported by this backend" if memory is None else
-                                                  ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in memory.items())))
+    say("train step memory per device: " + ("not reported by this backend" if memory is None else
+                                            ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in memory.items())))
     return compiled, memory
 
 

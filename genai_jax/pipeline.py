@@ -18,6 +18,7 @@ from genai_jax import config as config_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import GOLD_PROMPTS, RunConfig
+from genai_jax.distributed import say
 from genai_jax.evaluation import gold_eval
 
 STAGES = ("base", "sft", "reward", "ppo")
@@ -60,18 +61,15 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold
 
     runners = {"base": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "ppo": rlhf.ppo}
     run_dir = epath.Path(run_dir)
-    primary = jax.process_index() == 0
     for stage in STAGES:
         stage_dir = run_dir / stage
         if finished(stage_dir, configs[stage]):
-            if primary:
-                print(f"pipeline: {stage} already finished in {stage_dir}, skipping")
+            say(f"pipeline: {stage} already finished in {stage_dir}, skipping")
             continue
-        if primary:
-            print(f"pipeline: {stage} -> {stage_dir}")
+        say(f"pipeline: {stage} -> {stage_dir}")
         rundir.print_final(stage, stage_dir, runners[stage](configs[stage], stage_dir))
     summary = summarize(run_dir, gold_prompts)  # on every process: orbax restores are collective
-    if not primary:
+    if jax.process_index() != 0:
         return {}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))

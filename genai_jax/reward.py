@@ -24,6 +24,7 @@ from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.data.chat import response_tokens
 from genai_jax.data.preferences import PreferenceGroup
+from genai_jax.distributed import say
 from genai_jax.evaluation import respond
 from genai_jax.model import GPT
 from genai_jax.objectives.bradley_terry import sequence_rewards
@@ -115,7 +116,7 @@ def load_preference_groups(cfg) -> tuple[list[PreferenceGroup], list[PreferenceG
         raise UserError(f"data.source {cfg.resolved_source!r} has no preferences (use world or --data.path FILE.jsonl)")
     groups, skipped = read_preferences_jsonl(cfg.path, cfg.skip_malformed, cfg.max_responses)
     if skipped:
-        print(f"{cfg.path}: skipped {skipped} malformed line(s)")
+        say(f"{cfg.path}: skipped {skipped} malformed line(s)")
     n_val = int(len(groups) * cfg.val_fraction)
     return groups[: len(groups) - n_val], groups[len(groups) - n_val :]
 

@@ -21,6 +21,7 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import chat as chat_data
 from genai_jax.data import loader, sources
+from genai_jax.distributed import say
 from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
@@ -203,7 +204,7 @@ def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if val_chats:
         val_rows = chat_data.encode_rows(val_chats, tokenizer, cfg.data, length, first=len(train_chats) + 1)[0]
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
-    print(f"sft data: {train_stats}")
+    say(f"sft data: {train_stats}")
     train_stage(
         cfg, run_dir, make_objective=make_masked_lm_objective, train_source=loader.Rows(train_rows),
         val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=base_params,
@@ -258,7 +259,7 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         overlong = "truncate" if val_agrees is not None else cfg.data.overlong
         val_rows, _ = build_preference_rows(val_groups, tokenizer, length, overlong, first=len(train_groups) + 1)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
-    print(f"reward data: {stats}")
+    say(f"reward data: {stats}")
     state = train_stage(
         cfg, run_dir, make_objective=partial(make_bradley_terry_objective, centering=cfg.objective.reward_centering),
         train_source=loader.Rows(train_rows), val_source=None if val_rows is None else loader.Rows(val_rows),

@@ -160,8 +160,9 @@ def test_two_processes_ppo_like_one(tmp_path, sft_runs):
 
 def test_two_processes_run_the_pipeline(tmp_path):
     """The whole recipe on 2 processes: every process takes part in every stage and in the final
-    evaluation (orbax restores are collective), process 0 alone writes the summary, complete; the
-    reward stage holds the others until its normalisation, which ppo reads next, is written."""
+    evaluation (orbax restores are collective), process 0 alone prints and writes the summary,
+    complete; the reward stage holds the others until its normalisation, which ppo reads next, is
+    written."""
     run_dir = tmp_path / "run"
     for stage, cfg in small_configs(run_dir).items():
         rundir.write_config(tmp_path / "configs" / stage, cfg)
@@ -170,7 +171,8 @@ def test_two_processes_run_the_pipeline(tmp_path):
     summary = json.loads((run_dir / pipeline.SUMMARY_FILE).read_text())
     assert set(summary) == set(pipeline.STAGES)
     assert all(value is not None for row in summary.values() for value in row.values()), summary
-    assert "stage" not in outputs[1]  # no second table
+    assert "pipeline:" in outputs[0] and "pipeline:" not in outputs[1]  # one copy of each line
+    assert "stage" not in outputs[1]  # and of the table
 
 
 @pytest.mark.parametrize("strategy", ["single", "pmap"])

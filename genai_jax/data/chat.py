@@ -16,6 +16,7 @@ import numpy as np
 
 from genai_jax.config import DataConfig, UserError
 from genai_jax.data import world
+from genai_jax.distributed import say
 from genai_jax.tokenizer import Tokenizer, encode_chat
 
 # Held-out chats scored for the validation loss (the world's held-out side).
@@ -98,7 +99,7 @@ def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dic
     if source == "text":
         chats, skipped = conversations.read_jsonl_conversations(cfg.path, cfg.skip_malformed)
         if skipped:
-            print(f"{cfg.path}: skipped {skipped} malformed line(s)")
+            say(f"{cfg.path}: skipped {skipped} malformed line(s)")
     elif source == "tfds:databricks_dolly":
         chats = conversations.dolly_conversations(cfg.tfds_split)
     else:
