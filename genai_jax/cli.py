@@ -23,13 +23,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Callable
 
+import jax
 import tyro
 from etils import epath
 
-from genai_jax import rundir
+from genai_jax import distributed, rundir
 from genai_jax.config import (GOLD_PROMPTS, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
                               RunConfig, TrainConfig, UserError, preset)
 from genai_jax.config import diff as config_diff
+from genai_jax.distributed import say
 
 
 @dataclass(frozen=True)
@@ -227,10 +229,11 @@ def cmd_eval(argv: list[str]) -> None:
     cfg, tokenizer, params = stages.load_trained(args.run)
     result = gold_eval(cfg, params, tokenizer, args.num_prompts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
-    (epath.Path(args.run) / "eval.json").write_text(json.dumps(result, indent=2))
+    if jax.process_index() == 0:  # every process computed the same
+        (epath.Path(args.run) / "eval.json").write_text(json.dumps(result, indent=2))
     for example in result["examples"]:
-        print(f"  {example['prompt']!r} -> {example['response']!r} (gold {example['gold']:.2f})")
-    print(f"{args.run}: gold_score {100 * result['gold_score']:.1f}/100, exact {100 * result['exact']:.1f}%, "
+        say(f"  {example['prompt']!r} -> {example['response']!r} (gold {example['gold']:.2f})")
+    say(f"{args.run}: gold_score {100 * result['gold_score']:.1f}/100, exact {100 * result['exact']:.1f}%, "
           f"ended {100 * result['ended']:.1f}%, response_tokens {result['response_tokens']:.1f} "
           f"({args.num_prompts} held-out prompts)")
 
@@ -240,6 +243,8 @@ def cmd_chat(argv: list[str]) -> None:
     from genai_jax.evaluation import respond
 
     args = tyro.cli(ChatArgs, args=argv, prog="genai-jax chat")
+    if jax.process_count() > 1:
+        raise UserError("chat is interactive: run it in one process (without the GENAI_JAX_* variables)")
     cfg, tokenizer, params = stages.load_trained(args.run)
     history: list[dict] = []
     print("chat: /reset starts over, /exit quits")
@@ -279,9 +284,9 @@ def cmd_generate(argv: list[str]) -> None:
     for i in range(args.num_samples):
         text = stages.sample_text(cfg, params, tokenizer, prompt, args.max_new_tokens, seed=args.seed + i,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        print(text)
+        say(text)
         if i + 1 < args.num_samples:
-            print("-" * 40)
+            say("-" * 40)
 
 
 def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
@@ -296,13 +301,15 @@ def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
 
 
 def _write_jsonl(records: list[dict], out: str, what: str) -> None:
-    """One JSON line per record into `out`, or onto stdout when `out` is empty."""
+    """One JSON line per record into `out`, or onto stdout when `out` is empty (by process 0: every
+    process computed the same)."""
     lines = "".join(json.dumps(record) + "\n" for record in records)
-    if out:
+    if out and jax.process_index() == 0:
         epath.Path(out).write_text(lines)
-        print(f"wrote {len(records)} {what} to {out}")
-    else:
-        print(lines, end="")
+    if out:
+        say(f"wrote {len(records)} {what} to {out}")
+    elif lines:
+        say(lines.rstrip("\n"))
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
@@ -331,8 +338,6 @@ def main(argv: list[str] | None = None) -> None:
     from genai_jax.train import Preempted
 
     try:
-        from genai_jax import distributed
-
         distributed.initialize()
         COMMANDS[argv[0]](argv[1:])
     except UserError as err:

@@ -175,6 +175,19 @@ def test_two_processes_run_the_pipeline(tmp_path):
     assert "stage" not in outputs[1]  # and of the table
 
 
+def test_two_processes_evaluate_once(tmp_path, pretrain_runs):
+    """`eval` on 2 processes: both compute, process 0 alone prints and writes eval.json; `chat`,
+    interactive, is refused."""
+    _, two = pretrain_runs
+    run = shutil.copytree(two, tmp_path / "run")
+    outputs = run_processes("eval", "--run", run, "--num-prompts", 8, "--max-new-tokens", 8, logs=tmp_path / "logs")
+    assert "gold_score" in outputs[0] and "gold_score" not in outputs[1]
+    assert 0 <= json.loads((run / "eval.json").read_text())["gold_score"] <= 1
+    outputs = run_processes("chat", "--run", run, logs=tmp_path / "chat-logs", returncode=2)
+    for output in outputs:
+        assert_one_error(2, output, "chat is interactive", "one process")
+
+
 @pytest.mark.parametrize("strategy", ["single", "pmap"])
 def test_one_process_strategies_are_refused_with_several(tmp_path, strategy):
     """`single` and `pmap` reduce over one process's devices only: each process would train its
