@@ -185,11 +185,14 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     )
     if cfg.train.sample_tokens:
         params = host_copy(state.params)  # a collective: every process takes part
-    if cfg.train.sample_tokens and jax.process_index() == 0:
-        prompt = val_tokens[:1] if len(val_tokens) else train_tokens[:1]
-        new = min(cfg.train.sample_tokens, cfg.model.context_len - 1)
-        sample = sample_text(cfg, params, tokenizer, prompt, new, seed=cfg.train.seed)
-        (run_dir / "samples.txt").write_text(sample + "\n")
+        if jax.process_index() == 0:
+            prompt = val_tokens[:1] if len(val_tokens) else train_tokens[:1]
+            new = min(cfg.train.sample_tokens, cfg.model.context_len - 1)
+            sample = sample_text(cfg, params, tokenizer, prompt, new, seed=cfg.train.seed)
+            (run_dir / "samples.txt").write_text(sample + "\n")
+        # The others wait here rather than at a barrier that times out (JAX's at exit, orbax's in
+        # the next stage's restore), however long the sample takes.
+        sync_processes("pretrain: sampled")
     return final_record(run_dir)
 
 
