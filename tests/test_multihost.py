@@ -73,10 +73,10 @@ def run_processes(*argv, logs, processes: int = 2, devices: int = 2, returncode:
         for _, process in launched:
             process.kill()
             process.wait()
-    for index, (log, process) in enumerate(launched):
-        output = log.read_text()
+    outputs = [log.read_text() for log, _ in launched]
+    for index, ((_, process), output) in enumerate(zip(launched, outputs)):
         assert process.returncode == returncode, f"process {index} exited {process.returncode}:\n{output[-4000:]}"
-    return [log.read_text() for log, _ in launched]
+    return outputs
 
 
 def run_one_process(*argv) -> None:
