@@ -306,10 +306,9 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
                               prompt_mask, response, jnp.float32(beta), scores, cfg=cfg, end_id=end_id,
                               pad_id=pad_id)
     batch, stats = jax.tree.map(np.asarray, host_copy((batch, stats)))
-    response = host_response
     timings = {"generate_s": generate_s, "experience_s": time.perf_counter() - start - generate_s,
-               "generate_tokens_per_s": response.size / generate_s}
-    return response, batch, {name: float(value) for name, value in stats.items()}, timings
+               "generate_tokens_per_s": host_response.size / generate_s}
+    return host_response, batch, {name: float(value) for name, value in stats.items()}, timings
 
 
 def example_minibatch(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: int, *, end_id: int,
