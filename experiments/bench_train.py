@@ -2,6 +2,7 @@
 
     python experiments/bench_train.py --preset shakespeare-char-cpu
     python experiments/bench_train.py --preset gpt2-small --batch-size 16 --steps 20   # on a GPU
+    python experiments/bench_train.py --preset gpt2-small --breakdown --profile /tmp/prof  # where time goes
 
 Batches are random tokens of the preset's shape, so no data or tokenizer is needed. MFU counts
 6N + 12·L·H·Q·T FLOPs per token (N non-embedding parameters) against the device's dense bf16 peak.
@@ -53,6 +54,10 @@ def parse_args():
     parser.add_argument("--attention", choices=["auto", "xla", "cudnn", "einsum"])
     parser.add_argument("--strategy", choices=["single", "mesh", "pmap"])
     parser.add_argument("--grad-accum", type=int)
+    parser.add_argument("--moments-dtype", choices=["float32", "bfloat16"], help="AdamW's first moment")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the forward pass and forward+backward alone (the rest is the update)")
+    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
     return parser.parse_args()
 
 
@@ -64,13 +69,22 @@ def configure(args):
         if getattr(args, name):
             model_updates[name] = getattr(args, name)
     train_updates = {k: v for k, v in {"batch_size": args.batch_size, "strategy": args.strategy}.items() if v}
-    optim_updates = {"grad_accum": args.grad_accum} if args.grad_accum else {}
+    optim_updates = {k: v for k, v in {"grad_accum": args.grad_accum, "moments_dtype": args.moments_dtype}.items() if v}
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, **model_updates),
         train=dataclasses.replace(cfg.train, **train_updates),
         optim=dataclasses.replace(cfg.optim, **optim_updates),
     )
+
+
+def seconds_per_call(call, n: int) -> float:
+    """Mean wall seconds of `call()` (which returns device arrays) over n calls, after the last has run."""
+    start = time.perf_counter()
+    for _ in range(n):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / n
 
 
 def main():
@@ -81,11 +95,9 @@ def main():
     init_fn = make_init_fn(partial(init_params, cfg.model), optimizer, cfg.train.seed)
     abstract_state = jax.eval_shape(init_fn)
     state = strategy.compile_init(init_fn, abstract_state)()
-    model = GPT(cfg.model)
+    objective = make_lm_objective(GPT(cfg.model).apply)
     step_fn = strategy.compile(
-        make_train_step(make_lm_objective(model.apply), optimizer, strategy.reduce, cfg.optim.grad_accum),
-        abstract_state,
-    )
+        make_train_step(objective, optimizer, strategy.reduce, cfg.optim.grad_accum), abstract_state)
 
     batch_size, length = cfg.train.batch_size, cfg.model.context_len
     rng = np.random.default_rng(0)
@@ -96,15 +108,16 @@ def main():
             {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch_size, length), np.float32)}
         ))
     key = jax.random.PRNGKey(0)
+    step_count = 0
 
-    def run(n):
-        nonlocal state
-        for i in range(n):
-            state, metrics = step_fn(state, batches[i % len(batches)], key)
-        jax.block_until_ready(metrics)
+    def train_step():
+        nonlocal state, step_count
+        state, metrics = step_fn(state, batches[step_count % len(batches)], key)
+        step_count += 1
+        return metrics
 
     start = time.perf_counter()
-    run(args.warmup)
+    seconds_per_call(train_step, args.warmup)
     compile_s = time.perf_counter() - start
 
     n_non_embedding = count_params(abstract_state.params, embeddings=False)
@@ -117,15 +130,35 @@ def main():
           f"dtype={cfg.model.dtype} batch={batch_size} seq={length} params={count_params(abstract_state.params):,} "
           f"non_embedding={n_non_embedding:,} warmup+compile={compile_s:.1f}s")
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        run(args.steps)
-        seconds = (time.perf_counter() - start) / args.steps
+        seconds = seconds_per_call(train_step, args.steps)
         tokens_per_s = batch_size * length / seconds
         if peak:
             mfu = f"MFU={100 * flops * tokens_per_s / peak:.1f}% (with LM head {100 * flops_with_head * tokens_per_s / peak:.1f}%)"
         else:
             mfu = "MFU=n/a (no bf16 peak known for this device)"
         print(f"ms/step={1000 * seconds:.2f} tokens/s={tokens_per_s:,.0f} TFLOP/s={flops * tokens_per_s / 1e12:.3f} {mfu}")
+    if args.breakdown:
+        step_seconds = seconds_per_call(train_step, args.steps)  # before reading `state`, which steps donate
+        print_breakdown(objective, state.params, dict(batches[0], loss_denominator=batch_size * length), key,
+                        step_seconds, args.steps)
+    if args.profile:
+        with jax.profiler.trace(args.profile):
+            seconds_per_call(train_step, 3)
+        print(f"profile of 3 steps written to {args.profile}: python experiments/profile_summary.py {args.profile}")
+
+
+def print_breakdown(objective, params, batch, key, step_seconds: float, steps: int) -> None:
+    """ms of the forward pass, of forward + backward, and of a whole step; the differences are the
+    backward pass and the update (gradient reduction, clipping, AdamW)."""
+    forward = jax.jit(objective)
+    gradients = jax.jit(jax.value_and_grad(objective, has_aux=True))
+    times = {}
+    for name, fn in (("forward", forward), ("forward+backward", gradients)):
+        jax.block_until_ready(fn(params, batch, key))
+        times[name] = seconds_per_call(lambda: fn(params, batch, key), steps)
+    rows = {"forward": times["forward"], "backward": times["forward+backward"] - times["forward"],
+            "update": step_seconds - times["forward+backward"], "step": step_seconds}
+    print("breakdown: " + " ".join(f"{name}={1000 * seconds:.2f}ms" for name, seconds in rows.items()))
 
 
 if __name__ == "__main__":

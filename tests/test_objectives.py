@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_trees_close, init, lm_batch, random_tokens, tiny_model
 
 from genai_jax.model import GPT
-from genai_jax.objectives.lm import make_lm_objective, token_nll
+from genai_jax.objectives.lm import make_lm_objective, nll_and_hits, token_nll
 from genai_jax.train import TrainState, make_train_step
 
 LOGITS = np.array(
@@ -32,6 +32,35 @@ def test_token_nll_matches_numpy_log_softmax():
     np.testing.assert_allclose(token_nll(jnp.zeros((1, 4)), jnp.array([2])), [np.log(4.0)], rtol=1e-6)
 
 
+def reference_nll(logits, targets):
+    """-log softmax by plain autodiff-able jax ops, in float32."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nll_gradient_rule_matches_autodiff(dtype):
+    logits_key, target_key, weight_key = jax.random.split(jax.random.PRNGKey(0), 3)
+    logits = (3 * jax.random.normal(logits_key, (3, 5, 37))).astype(dtype)
+    targets = jax.random.randint(target_key, (3, 5), 0, 37)
+    weights = jax.random.uniform(weight_key, (3, 5))
+
+    def weighted(nll_fn):
+        return jax.jit(jax.value_and_grad(lambda x: jnp.sum(nll_fn(x, targets) * weights)))(logits)
+
+    loss, grads = weighted(lambda x, t: nll_and_hits(x, t)[0])
+    expected_loss, expected_grads = weighted(reference_nll)
+    assert grads.dtype == dtype  # written once, in the logits' own dtype
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2  # the bfloat16 rounding of each gradient
+    np.testing.assert_allclose(np.asarray(grads, np.float32), np.asarray(expected_grads, np.float32),
+                               atol=tolerance)
+    # Hits are the argmax's (random logits have no ties) and carry no gradient.
+    np.testing.assert_array_equal(nll_and_hits(logits, targets)[1], jnp.argmax(logits, -1) == targets)
+    hits_grads = jax.grad(lambda x: jnp.sum(nll_and_hits(x, targets)[1]))(logits)
+    assert not np.any(np.asarray(hits_grads, np.float32))
+
+
 def test_lm_objective_is_weighted_mean_nll_with_stub_model():
     weights = np.array([[1.0, 0.0, 1.0], [0.5, 1.0, 0.0]], np.float32)
     seen = {}
@@ -47,7 +76,10 @@ def test_lm_objective_is_weighted_mean_nll_with_stub_model():
 
     expected = (numpy_nll(LOGITS, TARGETS) * weights).sum() / 2.5
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
-    correct = LOGITS.argmax(-1) == TARGETS  # only row 0, position 0 is right (weight 1)
+    # The target has the largest logit everywhere but row 0, position 2. At row 1, position 0 all
+    # logits tie: that counts as a hit.
+    correct = np.array([[True, True, False], [True, True, True]])
+    assert np.array_equal(correct[:, 1:], (LOGITS.argmax(-1) == TARGETS)[:, 1:])
     np.testing.assert_allclose(metrics["accuracy"], (correct * weights).sum() / 2.5, rtol=1e-6)
     np.testing.assert_array_equal(seen["tokens"], inputs)
 
