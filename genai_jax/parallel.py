@@ -60,10 +60,14 @@ def memory_mib(compiled) -> dict[str, float] | None:
     return {name: size / 2**20 for name, size in sizes.items()}
 
 
-def check_fits(memory: dict[str, float] | None, device) -> None:
-    """Refuse a step needing more than `device`'s free memory before it first runs (XLA on GPU
-    compiles one anyway and fails at its first allocation; the TPU compiler refuses it itself).
-    The arguments are on the device already; backends without memory stats (CPU) pass."""
+TRAIN_STEP_ADVICE = "lower train.batch_size, raise optim.grad_accum or set model.remat"
+
+
+def check_fits(memory: dict[str, float] | None, device, program: str = "the train step",
+               advice: str = TRAIN_STEP_ADVICE) -> None:
+    """Refuse a compiled program needing more than `device`'s free memory before it first runs (XLA
+    on GPU compiles one anyway and fails at its first allocation; the TPU compiler refuses it
+    itself). The arguments are on the device already; backends without memory stats (CPU) pass."""
     stats = device.memory_stats()
     if memory is None or not stats or "bytes_limit" not in stats:
         return
@@ -71,20 +75,26 @@ def check_fits(memory: dict[str, float] | None, device) -> None:
     needed = memory["peak"] - memory["arguments"]
     if needed > free:
         raise UserError(
-            f"the train step needs {needed:,.0f} MiB more per device than the {free:,.0f} MiB free on "
-            f"{device.device_kind}; lower train.batch_size, raise optim.grad_accum or set model.remat"
+            f"{program} needs {needed:,.0f} MiB more per device than the {free:,.0f} MiB free on "
+            f"{device.device_kind}; {advice}"
         )
+
+
+def report_memory(compiled, program: str, advice: str = TRAIN_STEP_ADVICE) -> dict[str, float] | None:
+    """`compiled`'s memory per device (`memory_mib`), printed once as "PROGRAM memory per device:
+    ..."; refused, with `advice`, if it cannot fit the first local device (`check_fits`)."""
+    memory = memory_mib(compiled)
+    check_fits(memory, jax.local_devices()[0], f"the {program}", advice)
+    say(f"{program} memory per device: " + ("not reported by this backend" if memory is None else
+                                            ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in memory.items())))
+    return memory
 
 
 def compile_step(strategy, train_step: Callable, abstract_state, example: tuple):
     """(`train_step` compiled by `strategy` ahead of time for `example` arguments, its memory per
-    device or None): refused if it cannot fit the device (`check_fits`), its memory printed once."""
+    device or None): refused if it cannot fit the device, its memory printed (`report_memory`)."""
     compiled = strategy.compile(train_step, abstract_state, example=example)
-    memory = memory_mib(compiled)
-    check_fits(memory, jax.local_devices()[0])
-    say("train step memory per device: " + ("not reported by this backend" if memory is None else
-                                            ", ".join(f"{name} {mib:,.1f} MiB" for name, mib in memory.items())))
-    return compiled, memory
+    return compiled, report_memory(compiled, "train step")
 
 
 def to_host(tree) -> Any:

@@ -41,7 +41,7 @@ from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
                                       make_ppo_objective, masked_whiten, policy_and_values)
 from genai_jax.optim import make_optimizer
-from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, to_host
+from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, report_memory, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
@@ -311,6 +311,35 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
     return host_response, batch, {name: float(value) for name, value in stats.items()}, timings
 
 
+def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, placement: "_Placement", *,
+                    end_id: int, pad_id: int, gold: bool) -> dict[str, float]:
+    """Compile an iteration's generation and `experience` now, as the train step is: each one's
+    memory per device is printed, and a rollout too big for the device is refused before the first
+    iteration. The iterations' calls have the same shapes and placements, so they reuse both
+    programs. Returns their peaks in MiB (empty where the backend reports none)."""
+    rows = np.arange(cfg.train.batch_size) % len(prompts.tokens)
+    prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
+    scores = placement.rows(np.zeros(cfg.train.batch_size, np.float32)) if gold else None
+    key = jax.random.PRNGKey(0)  # made outside the mesh context, like the iterations' keys
+    advice = "lower train.batch_size or ppo.max_new_tokens"
+    with placement.context():
+        generation = generate.lower(
+            params["policy"], prompt, prompt_mask, key, cfg=cfg.model,
+            max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k,
+            top_p=cfg.ppo.top_p).compile()
+        response = jax.ShapeDtypeStruct(generation.out_info.shape, generation.out_info.dtype,
+                                        sharding=generation.out_info.sharding)
+        scoring = experience.lower(
+            params, frozen["reference"], frozen["reward"], frozen["normalization"], prompt, prompt_mask, response,
+            jnp.float32(0.0), scores, cfg=cfg, end_id=end_id, pad_id=pad_id).compile()
+    peaks = {}
+    for name, compiled in (("generate", generation), ("experience", scoring)):
+        memory = report_memory(compiled, f"rollout {name}", advice)
+        if memory is not None:
+            peaks[f"{name}_memory_mib"] = memory["peak"]
+    return peaks
+
+
 def example_minibatch(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: int, *, end_id: int,
                       pad_id: int, gold: bool) -> dict:
     """Zeros shaped like a minibatch of `rows` of `experience`'s train batch, to compile the step
@@ -380,6 +409,9 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         strategy, make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum),
         abstract_state, example=(state, strategy.place_global(example), jax.random.PRNGKey(0)))
 
+    rollout_memory = compile_rollout(cfg, strategy.state_to_host(state).params, frozen, prompts, placement,
+                                     end_id=end_id, pad_id=tokenizer.pad_id, gold=score_responses is not None)
+
     def host_policy():
         """The policy's parameters, whole on every process (a collective: all processes evaluate)."""
         return host_copy(strategy.state_to_host(state).params["policy"])
@@ -389,7 +421,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if iteration == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params), "prompts": len(prompts.tokens),
                       "prompt_len": prompts.tokens.shape[1],
-                      **({} if memory is None else {"step_memory_mib": memory["peak"]})})
+                      **({} if memory is None else {"step_memory_mib": memory["peak"]}), **rollout_memory})
         writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer)})
     show = cfg.train.progress and jax.process_index() == 0
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)

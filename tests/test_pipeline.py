@@ -142,3 +142,20 @@ def test_ppo_against_gold_needs_the_task_world(finished_pipeline, tmp_path):
     cfg = config.replace(small_configs(run_dir)["ppo"], ppo=dict(reward="gold"), data=dict(path=str(prompts)))
     with pytest.raises(config.UserError, match="gold needs the task world"):
         rlhf.ppo(cfg, tmp_path / "ppo")
+
+
+def test_ppo_compiles_its_rollout_once_ahead_of_time(finished_pipeline, tmp_path, caplog, capsys):
+    """Generation and `experience` are compiled before the first iteration, their memory printed
+    and logged at step 0, and both iterations reuse them."""
+    run_dir, _ = finished_pipeline
+    cfg = config.replace(small_configs(run_dir)["ppo"], ppo=dict(max_new_tokens=6))  # shapes not compiled yet
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        rlhf.ppo(cfg, tmp_path / "run")
+    first = rundir.read_metrics(tmp_path / "run")[0]
+    assert first["generate_memory_mib"] > 0 and first["experience_memory_mib"] > 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rollout ")]
+    assert [line.split(" memory")[0] for line in printed] == ["rollout generate", "rollout experience"]
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
+    rollout_prompts = f"int32[{cfg.train.batch_size},{first['prompt_len']}]"  # the held-out evaluation's differ
+    assert sum(m.startswith("Compiling jit(generate)") and rollout_prompts in m for m in compiles) == 1
+    assert sum(m.startswith("Compiling jit(experience)") for m in compiles) == 1
