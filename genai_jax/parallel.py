@@ -63,6 +63,11 @@ def memory_mib(compiled) -> dict[str, float] | None:
 TRAIN_STEP_ADVICE = "lower train.batch_size, raise optim.grad_accum or set model.remat"
 
 
+def peak_record(name: str, memory: dict[str, float] | None) -> dict[str, float]:
+    """{name: peak MiB} for a metrics record, or {} where the backend reported no memory."""
+    return {} if memory is None else {name: memory["peak"]}
+
+
 def check_fits(memory: dict[str, float] | None, device, program: str = "the train step",
                advice: str = TRAIN_STEP_ADVICE) -> None:
     """Refuse a compiled program needing more than `device`'s free memory before it first runs (XLA

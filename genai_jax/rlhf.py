@@ -41,7 +41,7 @@ from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
                                       make_ppo_objective, masked_whiten, policy_and_values)
 from genai_jax.optim import make_optimizer
-from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, report_memory, to_host
+from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, peak_record, report_memory, to_host
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
 from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
@@ -312,11 +312,14 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
 
 
 def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, placement: "_Placement", *,
-                    end_id: int, pad_id: int, gold: bool) -> dict[str, float]:
+                    end_id: int, pad_id: int, gold: bool) -> tuple[dict, dict[str, float]]:
     """Compile an iteration's generation and `experience` now, as the train step is: each one's
     memory per device is printed, and a rollout too big for the device is refused before the first
     iteration. The iterations' calls have the same shapes and placements, so they reuse both
-    programs. Returns their peaks in MiB (empty where the backend reports none)."""
+    programs (`gold`: the scores come from the host, as with `ppo.reward=gold`).
+
+    Returns the shapes of `experience`'s train batch (a ShapeDtypeStruct per name) and the two
+    programs' peaks in MiB (empty where the backend reports none)."""
     rows = np.arange(cfg.train.batch_size) % len(prompts.tokens)
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
     scores = placement.rows(np.zeros(cfg.train.batch_size, np.float32)) if gold else None
@@ -334,25 +337,9 @@ def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, plac
             jnp.float32(0.0), scores, cfg=cfg, end_id=end_id, pad_id=pad_id).compile()
     peaks = {}
     for name, compiled in (("generate", generation), ("experience", scoring)):
-        memory = report_memory(compiled, f"rollout {name}", advice)
-        if memory is not None:
-            peaks[f"{name}_memory_mib"] = memory["peak"]
-    return peaks
-
-
-def example_minibatch(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: int, *, end_id: int,
-                      pad_id: int, gold: bool) -> dict:
-    """Zeros shaped like a minibatch of `rows` of `experience`'s train batch, to compile the step
-    ahead of time (`gold`: the scores come from the host, as with `ppo.reward=gold`)."""
-    batch_size = cfg.train.batch_size
-    prompt = jax.ShapeDtypeStruct((batch_size, prompts.tokens.shape[1]), prompts.tokens.dtype)
-    prompt_mask = jax.ShapeDtypeStruct(prompt.shape, prompts.mask.dtype)
-    response = jax.ShapeDtypeStruct((batch_size, cfg.ppo.max_new_tokens), jnp.int32)
-    scores = jax.ShapeDtypeStruct((batch_size,), jnp.float32) if gold else None
-    batch, _ = jax.eval_shape(partial(experience, cfg=cfg, end_id=end_id, pad_id=pad_id), params, frozen["reference"],
-                              frozen["reward"], frozen["normalization"], prompt, prompt_mask, response,
-                              jnp.float32(0.0), scores)
-    return {name: np.zeros((rows, *x.shape[1:]), x.dtype) for name, x in batch.items()}
+        peaks |= peak_record(f"{name}_memory_mib", report_memory(compiled, f"rollout {name}", advice))
+    train_batch, _ = scoring.out_info
+    return train_batch, peaks
 
 
 def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration: int, key, minibatch_rows: int):
@@ -403,14 +390,13 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         GPT(cfg.model).apply, clip_ratio=cfg.ppo.clip_ratio, clip_value=cfg.ppo.clip_value,
         value_coef=cfg.ppo.value_coef, entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.ppo.temperature)
     end_id = tokenizer.special_id(END)
-    example = example_minibatch(cfg, strategy.state_to_host(state).params, frozen, prompts, minibatch_rows,
-                                end_id=end_id, pad_id=tokenizer.pad_id, gold=score_responses is not None)
+    train_batch, rollout_memory = compile_rollout(
+        cfg, strategy.state_to_host(state).params, frozen, prompts, placement, end_id=end_id, pad_id=tokenizer.pad_id,
+        gold=score_responses is not None)
+    example = {name: np.zeros((minibatch_rows, *x.shape[1:]), x.dtype) for name, x in train_batch.items()}
     step_fn, memory = compile_step(
         strategy, make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum),
         abstract_state, example=(state, strategy.place_global(example), jax.random.PRNGKey(0)))
-
-    rollout_memory = compile_rollout(cfg, strategy.state_to_host(state).params, frozen, prompts, placement,
-                                     end_id=end_id, pad_id=tokenizer.pad_id, gold=score_responses is not None)
 
     def host_policy():
         """The policy's parameters, whole on every process (a collective: all processes evaluate)."""
@@ -421,7 +407,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if iteration == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params), "prompts": len(prompts.tokens),
                       "prompt_len": prompts.tokens.shape[1],
-                      **({} if memory is None else {"step_memory_mib": memory["peak"]}), **rollout_memory})
+                      **peak_record("step_memory_mib", memory), **rollout_memory})
         writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer)})
     show = cfg.train.progress and jax.process_index() == 0
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)

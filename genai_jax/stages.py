@@ -26,7 +26,8 @@ from genai_jax.model import GPT, count_params, init_params
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
-from genai_jax.parallel import Mesh, Single, compile_step, host_copy, make_strategy, sync_processes, to_host
+from genai_jax.parallel import (Mesh, Single, compile_step, host_copy, make_strategy, peak_record, sync_processes,
+                                to_host)
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
@@ -140,7 +141,7 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     if start_step == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params),
                       "n_params_non_embedding": count_params(abstract_state.params, embeddings=False),
-                      **({} if memory is None else {"step_memory_mib": memory["peak"]}), **(summary or {})})
+                      **peak_record("step_memory_mib", memory), **(summary or {})})
     try:  # closed on preemption too, so TensorBoard gets every record
         state = fit(
             state,
