@@ -29,6 +29,7 @@ from genai_jax.model import GPT, with_scalar_head
 from genai_jax.objectives.bradley_terry import make_bradley_terry_objective, sequence_rewards
 from genai_jax.objectives.ppo import action_logprobs
 from genai_jax.optim import make_optimizer
+from genai_jax.tokenizer import ASSISTANT
 
 Form = Literal["scalar", "likelihood", "log-ratio"]
 
@@ -48,16 +49,19 @@ class Args:
     """Peak learning rate of the two likelihood forms (the stage's 3e-4 erodes the policy's prior)."""
 
 
-def likelihood_apply(model: GPT, beta: float, reference=None):
+def likelihood_apply(model: GPT, beta: float, response_start_id: int, reference=None):
     """An apply function in the scalar head's shape whose value at each position is beta times the
-    summed log-probability of the tokens so far (minus the reference's), so that the reward read
-    at the last real token is the sequence's. The prompt's share is equal for both responses of a
-    pair, so Bradley-Terry compares the responses."""
+    summed log-probability of the response tokens so far (those after the last `response_start_id`,
+    the assistant's role token), minus the reference's, so that the reward read at the last real
+    token is the response's."""
 
     def cumulative(params, tokens, positions, segment_ids, deterministic, rngs):
         logits = model.apply(params, tokens, positions=positions, segment_ids=segment_ids,
                              deterministic=deterministic, head="lm", rngs=rngs)
-        per_token = action_logprobs(logits[:, :-1], tokens[:, 1:], 1.0) * segment_ids[:, 1:]
+        starts = tokens == response_start_id
+        seen = jnp.cumsum(starts, axis=-1)
+        in_response = (seen == seen[:, -1:]) & (seen > 0) & ~starts & (segment_ids > 0)
+        per_token = action_logprobs(logits[:, :-1], tokens[:, 1:], 1.0) * in_response[:, 1:]
         return jnp.pad(jnp.cumsum(per_token, axis=-1), ((0, 0), (1, 0)))
 
     def apply(params, tokens, *, positions, segment_ids, deterministic, head, rngs):
@@ -103,14 +107,14 @@ def train(cfg: config.RunConfig, apply_fn, params, centering: float, rows: dict)
     return params
 
 
-def setup(form: Form, args: Args, cfg: config.RunConfig, sft_params):
+def setup(form: Form, args: Args, cfg: config.RunConfig, sft_params, response_start_id: int):
     """(apply function, initial parameters, reward centering, config) of one form."""
     model = GPT(cfg.model)
     if form == "scalar":
         return (model.apply, with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(cfg.train.seed + 1)),
                 cfg.objective.reward_centering, cfg)
     reference = sft_params if form == "log-ratio" else None
-    return (likelihood_apply(model, args.beta, reference), sft_params, 0.0,
+    return (likelihood_apply(model, args.beta, response_start_id, reference), sft_params, 0.0,
             config.replace(cfg, optim={"lr": args.likelihood_lr, "min_lr": args.likelihood_lr / 10}))
 
 
@@ -131,7 +135,7 @@ def main(args: Args) -> None:
           f"lr {cfg.optim.lr} (likelihood forms {args.likelihood_lr})")
     print(f"{'form':<12}{'gold before':>12}{'label after':>12}{'gold after':>12}{'seconds':>9}")
     for form in args.forms:
-        apply_fn, params, centering, form_cfg = setup(form, args, cfg, sft_params)
+        apply_fn, params, centering, form_cfg = setup(form, args, cfg, sft_params, tokenizer.special_id(ASSISTANT))
         before = reward.gold_accuracy(pair_labels_right(apply_fn, params, val_rows), agrees).mean()
         start = time.perf_counter()
         params = train(form_cfg, apply_fn, params, centering, train_rows)
