@@ -5,7 +5,7 @@ held-out pairs (accuracy against the noisy labels and against the gold order).
 
 - `scalar`: the reward stage's model and objective (with its reward centering);
 - `likelihood`: beta * log pi(response | prompt) under a trained copy of the SFT policy;
-- `log-ratio`: beta * [log pi - log pi_SFT], DPO's implicit reward (0 before training).
+- `log-ratio`: beta * [log pi - log pi_SFT], DPO's implicit reward (0 before training: all ties).
 
     python experiments/reward_forms.py --sft runs/pipeline/sft
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import jax
@@ -74,18 +75,6 @@ def likelihood_apply(model: GPT, beta: float, response_start_id: int, reference=
     return apply
 
 
-def pair_labels_right(apply_fn, params, rows: dict, batch_size: int = 128) -> np.ndarray:
-    """Per pair, 1 where the model prefers the labelled-better response, 0.5 for a tie."""
-    score = jax.jit(lambda p, t, m: sequence_rewards(apply_fn, p, t, m))
-    n, k, length = rows["tokens"].shape
-    rewards = np.concatenate([
-        np.asarray(score(params, rows["tokens"][i:i + batch_size].reshape(-1, length),
-                         rows["mask"][i:i + batch_size].reshape(-1, length)))
-        for i in range(0, n, batch_size)]).reshape(n, k)
-    first_better = rows["rank"][:, 0] == 0
-    return np.where(rewards[:, 0] == rewards[:, 1], 0.5, (rewards[:, 0] > rewards[:, 1]) == first_better)
-
-
 def train(cfg: config.RunConfig, apply_fn, params, centering: float, rows: dict) -> dict:
     """Bradley-Terry training on random batches of `rows` with the stage's optimiser."""
     objective = make_bradley_terry_objective(apply_fn, deterministic=True, centering=centering)
@@ -134,16 +123,21 @@ def main(args: Args) -> None:
           f"{100 * np.mean(agrees):.1f}%; {cfg.train.max_steps} steps of {cfg.train.batch_size} pairs, "
           f"lr {cfg.optim.lr} (likelihood forms {args.likelihood_lr})")
     print(f"{'form':<12}{'gold before':>12}{'label after':>12}{'gold after':>12}{'seconds':>9}")
+    def gold(label_right: np.ndarray) -> float:
+        return 100 * reward.gold_accuracy(label_right, agrees).mean()
+
     for form in args.forms:
         apply_fn, params, centering, form_cfg = setup(form, args, cfg, sft_params, tokenizer.special_id(ASSISTANT))
-        before = reward.gold_accuracy(pair_labels_right(apply_fn, params, val_rows), agrees).mean()
+        score = jax.jit(partial(sequence_rewards, apply_fn))
+        # DPO's implicit reward is 0 for every response before training: every pair is a tie.
+        before = ("ties" if form == "log-ratio"
+                  else f"{gold(reward.pair_accuracy(cfg, params, val_rows, score=score)):.1f}")
         start = time.perf_counter()
         params = train(form_cfg, apply_fn, params, centering, train_rows)
         seconds = time.perf_counter() - start
-        label_right = pair_labels_right(apply_fn, params, val_rows)
-        print(f"{form:<12}{100 * before:12.1f}{100 * label_right.mean():12.1f}"
-              f"{100 * reward.gold_accuracy(label_right, agrees).mean():12.1f}{seconds:9.0f}", flush=True)
-
+        label_right = reward.pair_accuracy(cfg, params, val_rows, score=score)
+        print(f"{form:<12}{before:>12}{100 * label_right.mean():12.1f}{gold(label_right):12.1f}{seconds:9.0f}",
+              flush=True)
 
 if __name__ == "__main__":
     main(tyro.cli(Args))

@@ -72,15 +72,16 @@ def _rewards(params, tokens, mask, *, cfg):
     return sequence_rewards(GPT(cfg).apply, params, tokens, mask)
 
 
-def _score_rows(cfg: RunConfig, params, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
-    """Rewards of token rows [N, T] in fixed-shape batches (one compilation)."""
+def _score_rows(score, params, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
+    """Rewards of token rows [N, T] by `score(params, tokens, mask)` in fixed-shape batches (one
+    compilation)."""
     scores = []
     for start in range(0, len(tokens), batch_size):
         chunk = slice(start, start + batch_size)
         pad = batch_size - len(tokens[chunk])
         batch_tokens = np.concatenate([tokens[chunk], np.repeat(tokens[:1], pad, axis=0)])
         batch_mask = np.concatenate([mask[chunk], np.repeat(mask[:1], pad, axis=0)])
-        scores.append(np.asarray(_rewards(params, batch_tokens, batch_mask, cfg=cfg.model))[: batch_size - pad])
+        scores.append(np.asarray(score(params, batch_tokens, batch_mask))[: batch_size - pad])
     return np.concatenate(scores)
 
 
@@ -93,16 +94,19 @@ def raw_scores(cfg: RunConfig, params, tokenizer: Tokenizer, prompts: list[list[
     for row, (prompt, response) in enumerate(zip(prompts, responses)):
         encoded, _ = response_tokens(tokenizer, prompt, response, length)
         tokens[row, : len(encoded)], mask[row, : len(encoded)] = encoded, 1
-    return _score_rows(cfg, params, tokens, mask, batch_size)
+    return _score_rows(partial(_rewards, cfg=cfg.model), params, tokens, mask, batch_size)
 
 
-def pair_accuracy(cfg: RunConfig, params, rows: dict[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
+def pair_accuracy(cfg: RunConfig, params, rows: dict[str, np.ndarray], batch_size: int = 64,
+                  score=None) -> np.ndarray:
     """Per pair (rows of `build_preference_rows` with K = 2): 1.0 where the labelled-better
-    response scores higher."""
+    response scores higher, scored by the reward model of `cfg`, or by a jitted `score(params,
+    tokens, mask)` -> rewards [N] of another form."""
     n, k, length = rows["tokens"].shape
     if k != 2:
         raise ValueError("pair_accuracy needs pairs (K = 2)")
-    flat = _score_rows(cfg, params, rows["tokens"].reshape(-1, length), rows["mask"].reshape(-1, length), batch_size)
+    flat = _score_rows(score or partial(_rewards, cfg=cfg.model), params, rows["tokens"].reshape(-1, length),
+                       rows["mask"].reshape(-1, length), batch_size)
     first, second = flat.reshape(n, 2).T
     first_better = rows["rank"][:, 0] == 0
     return np.where(first_better, first > second, second > first).astype(np.float64)
