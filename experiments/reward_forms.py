@@ -20,7 +20,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tyro
 
 from genai_jax import config, reward, stages
@@ -31,6 +30,7 @@ from genai_jax.objectives.bradley_terry import make_bradley_terry_objective, seq
 from genai_jax.objectives.ppo import action_logprobs
 from genai_jax.optim import make_optimizer
 from genai_jax.tokenizer import ASSISTANT
+from genai_jax.train import TrainState, make_train_step
 
 Form = Literal["scalar", "likelihood", "log-ratio"]
 
@@ -76,24 +76,17 @@ def likelihood_apply(model: GPT, beta: float, response_start_id: int, reference=
 
 
 def train(cfg: config.RunConfig, apply_fn, params, centering: float, rows: dict) -> dict:
-    """Bradley-Terry training on random batches of `rows` with the stage's optimiser."""
+    """Bradley-Terry training on random batches of `rows` with the stage's optimiser and the
+    project's one train step."""
     objective = make_bradley_terry_objective(apply_fn, deterministic=True, centering=centering)
     optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        grads = jax.grad(lambda p: objective(p, batch, None)[0])(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
+    step = jax.jit(make_train_step(objective, optimizer, accum_steps=cfg.optim.grad_accum))
+    state = TrainState.create(params, optimizer, jax.random.PRNGKey(cfg.train.seed))
     rng = np.random.default_rng(cfg.train.seed)
-    opt_state = optimizer.init(params)
     for _ in range(cfg.train.max_steps):
         chosen = rng.integers(0, len(rows["tokens"]), cfg.train.batch_size)
-        batch = {name: array[chosen] for name, array in rows.items()}
-        batch["loss_denominator"] = np.float32(batch["weights"].sum())
-        params, opt_state = step(params, opt_state, batch)
-    return params
+        state, _ = step(state, {name: array[chosen] for name, array in rows.items()}, state.rng)
+    return state.params
 
 
 def setup(form: Form, args: Args, cfg: config.RunConfig, sft_params, response_start_id: int):
