@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import tyro
 
-from genai_jax import reward, stages
+from genai_jax import reward, runs, stages
 from genai_jax.data import world
 from genai_jax.data.chat import build_preference_rows
 from genai_jax.model import GPT
@@ -46,8 +46,8 @@ def log_likelihoods(cfg, params, tokens: np.ndarray, mask: np.ndarray, batch_siz
 
 
 def main(args: Args) -> None:
-    reward_cfg, tokenizer, reward_params = stages.load_trained(args.reward)
-    sft_cfg, _, sft_params = stages.load_trained(args.sft)
+    reward_cfg, tokenizer, reward_params = runs.load_trained(args.reward)
+    sft_cfg, _, sft_params = runs.load_trained(args.sft)
     groups, agrees = reward.world_validation(dataclasses.replace(reward_cfg, model=sft_cfg.model), sft_params, tokenizer)
     rows, _ = build_preference_rows(groups, tokenizer, stages.seq_len(reward_cfg))
     agrees = np.asarray(agrees)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from genai_jax import reward, stages
+from genai_jax import reward, runs
 from genai_jax.data import world
 
 
@@ -45,7 +45,7 @@ def pairs(problems: list[world.Problem], seed: int) -> list[tuple[world.Problem,
 
 
 def main(args: Args) -> None:
-    cfg, tokenizer, params = stages.load_trained(args.run)
+    cfg, tokenizer, params = runs.load_trained(args.run)
     found = pairs(world.problems(args.seed + 1, args.problems, held_out=True), args.seed)
     prompts = [world.chat(problem)[:1] for problem, _, _ in found]
     answer_scores = reward.raw_scores(cfg, params, tokenizer, prompts, [problem.answer for problem, _, _ in found])

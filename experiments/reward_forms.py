@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from genai_jax import config, reward, stages
+from genai_jax import config, reward, runs, stages
 from genai_jax.data import world
 from genai_jax.data.chat import build_preference_rows
 from genai_jax.model import GPT, with_scalar_head
@@ -101,7 +101,7 @@ def setup(form: Form, args: Args, cfg: config.RunConfig, sft_params, response_st
 
 
 def main(args: Args) -> None:
-    sft_cfg, tokenizer, sft_params = stages.load_trained(args.sft)
+    sft_cfg, tokenizer, sft_params = runs.load_trained(args.sft)
     # The stage's data and optimiser around the SFT model (whose LM head samples the pairs).
     cfg = config.replace(config.preset(args.preset, "reward"), model=sft_cfg.model)
     if args.label_noise is not None:

@@ -4,7 +4,8 @@
     genai-jax sft --init-from PRETRAIN_RUN --preset NAME --run-dir DIR [...the same flags]
     genai-jax reward --init-from SFT_RUN --preset NAME --run-dir DIR [...the same flags]
     genai-jax ppo --policy SFT_RUN --reward REWARD_RUN --preset NAME --run-dir DIR [...]
-    genai-jax pipeline --preset NAME --run-dir DIR [--model.<field> VALUE]   (all four stages)
+    genai-jax pipeline --preset NAME --run-dir DIR [--<stage>.<section>.<field> VALUE]   (all four stages)
+    genai-jax sweep SPEC.toml --sweep-dir DIR [--list | --only I | --jobs N | --report]   (many runs)
     genai-jax score --run REWARD_RUN --in FILE.jsonl --out OUT.jsonl
     genai-jax eval --run DIR                 (gold score on held-out world prompts)
     genai-jax generate --run DIR --prompt TEXT | --prompts FILE.jsonl [--out OUT.jsonl]
@@ -12,6 +13,11 @@
 
 The preset supplies the defaults and tyro maps the remaining flags onto the frozen config
 dataclasses. This module is the only place that wires stages together.
+
+Each command imports the modules it runs inside its own function: `genai-jax --help` and a
+mistyped flag answer without loading the model, orbax and the data stack. These are the only
+function-level imports of the package besides optional libraries; the package's modules import
+one way (docs/design.md).
 """
 
 from __future__ import annotations
@@ -27,10 +33,9 @@ import jax
 import tyro
 from etils import epath
 
-from genai_jax import distributed, rundir
+from genai_jax import distributed, overrides, rundir
 from genai_jax.config import (GOLD_PROMPTS, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
                               RunConfig, TrainConfig, UserError, preset)
-from genai_jax.config import diff as config_diff
 from genai_jax.distributed import say
 
 
@@ -135,13 +140,17 @@ class ScoreArgs:
 @dataclass(frozen=True)
 class PipelineArgs:
     """pretrain -> sft -> reward -> ppo on one preset into one directory; finished stages are
-    skipped, an unfinished one resumes; ends with a summary table (summary.json)."""
+    skipped, an unfinished one resumes; ends with a summary table (summary.json).
+
+    Any stage's config field is a flag: --STAGE.SECTION.FIELD VALUE with STAGE one of base, sft,
+    reward, ppo (e.g. --ppo.optim.lr 3e-5, --reward.data.label-noise 0.16); --ppo.FIELD for the
+    ppo section (e.g. --ppo.kl-coef 0.1); --model.FIELD, --train.seed, --train.progress,
+    --train.strategy, --train.mesh-data, --train.mesh-fsdp and --data.seed set every stage (a
+    stage's own flag wins). Booleans: --sft.data.pack / --sft.data.no-pack, or a true/false value."""
 
     preset: str = "tiny"
     run_dir: str = ""
     """Directory holding base/, sft/, reward/ and ppo/ (default runs/<preset>-pipeline)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model flags apply to every stage (e.g. --model.n-layer 4)."""
     gold_prompts: int = GOLD_PROMPTS
     """Held-out prompts behind each policy's gold scores in the summary."""
 
@@ -192,21 +201,20 @@ def cmd_pipeline(argv: list[str]) -> None:
     from genai_jax import pipeline
 
     name = _preset_name(argv)
-    base = preset(name, "pretrain")
-    args = tyro.cli(PipelineArgs, default=PipelineArgs(preset=name, model=base.model), args=argv,
-                    prog="genai-jax pipeline")
+    preset(name, "pretrain")  # an unknown preset is named before anything else
+    rest, stage_overrides = overrides.parse_pipeline_flags(argv)
+    args = tyro.cli(PipelineArgs, default=PipelineArgs(preset=name), args=rest, prog="genai-jax pipeline")
     run_dir = args.run_dir or f"runs/{name}-pipeline"
-    model_changes = {n: getattr(args.model, n) for n in config_diff(base.model, args.model)}
-    configs = pipeline.pipeline_configs(name, run_dir, {"model": model_changes} if model_changes else None)
+    configs = pipeline.pipeline_configs(name, run_dir, stage_overrides=stage_overrides)
     pipeline.run_pipeline(configs, run_dir, args.gold_prompts)
 
 
 def cmd_score(argv: list[str]) -> None:
-    from genai_jax import reward, stages
+    from genai_jax import reward, runs
     from genai_jax.data.conversations import read_jsonl_conversations
 
     args = tyro.cli(ScoreArgs, args=argv, prog="genai-jax score")
-    cfg, tokenizer, params = stages.load_trained(args.run)
+    cfg, tokenizer, params = runs.load_trained(args.run)
     if cfg.model.head != "scalar":
         raise UserError(f"{args.run} is not a reward model run (model.head={cfg.model.head})")
     normalization = reward.load_normalization(args.run)
@@ -222,11 +230,11 @@ def cmd_score(argv: list[str]) -> None:
 
 
 def cmd_eval(argv: list[str]) -> None:
-    from genai_jax import stages
+    from genai_jax import runs
     from genai_jax.evaluation import gold_eval
 
     args = tyro.cli(EvalArgs, args=argv, prog="genai-jax eval")
-    cfg, tokenizer, params = stages.load_trained(args.run)
+    cfg, tokenizer, params = runs.load_trained(args.run)
     result = gold_eval(cfg, params, tokenizer, args.num_prompts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
     if jax.process_index() == 0:  # every process computed the same
@@ -239,13 +247,13 @@ def cmd_eval(argv: list[str]) -> None:
 
 
 def cmd_chat(argv: list[str]) -> None:
-    from genai_jax import stages
+    from genai_jax import runs
     from genai_jax.evaluation import respond
 
     args = tyro.cli(ChatArgs, args=argv, prog="genai-jax chat")
     if jax.process_count() > 1:
         raise UserError("chat is interactive: run it in one process (without the GENAI_JAX_* variables)")
-    cfg, tokenizer, params = stages.load_trained(args.run)
+    cfg, tokenizer, params = runs.load_trained(args.run)
     history: list[dict] = []
     print("chat: /reset starts over, /exit quits")
     for turn in itertools.count():
@@ -271,10 +279,10 @@ def cmd_chat(argv: list[str]) -> None:
 
 
 def cmd_generate(argv: list[str]) -> None:
-    from genai_jax import stages
+    from genai_jax import runs, stages
 
     args = tyro.cli(GenerateArgs, args=argv, prog="genai-jax generate")
-    cfg, tokenizer, params = stages.load_trained(args.run)
+    cfg, tokenizer, params = runs.load_trained(args.run)
     if args.prompts:
         _answer_prompts_file(args, cfg, tokenizer, params)
         return
@@ -300,6 +308,12 @@ def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
     _write_jsonl([{"prompt": p, "response": r.text} for p, r in zip(prompts, responses)], args.out, "responses")
 
 
+def cmd_sweep(argv: list[str]) -> None:
+    from genai_jax import sweeps
+
+    sweeps.main(argv)
+
+
 def _write_jsonl(records: list[dict], out: str, what: str) -> None:
     """One JSON line per record into `out`, or onto stdout when `out` is empty (by process 0: every
     process computed the same)."""
@@ -322,6 +336,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "sweep": cmd_sweep,
 }
 
 
@@ -338,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     from genai_jax.train import Preempted
 
     try:
-        distributed.initialize()
+        if argv[0] != "sweep":  # a sweep only launches commands: it joins no cluster and claims no device
+            distributed.initialize()
         COMMANDS[argv[0]](argv[1:])
     except UserError as err:
         print(f"genai-jax: error: {err}", file=sys.stderr)

@@ -161,6 +161,11 @@ class PPOConfig:
     reward_clip: float = 5.0
     """Clip normalised scores to [-reward_clip, reward_clip] (0: off)."""
     whiten_rewards: bool = False
+    pack_rows: int = 0
+    """Updates: the sequences of a minibatch are packed, several per row of model.context_len
+    tokens, into this many rows (0: enough for prompts plus half of max_new_tokens, and one more;
+    -1: no packing). A minibatch that does not fit is trained unpacked: packing never changes a
+    loss, only how much padding the step computes."""
     gold_prompts: int = GOLD_PROMPTS
     """Task world: held-out prompts for the gold score at each evaluation."""
 

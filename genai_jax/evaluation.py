@@ -57,7 +57,7 @@ def respond(cfg: RunConfig, params, tokenizer: Tokenizer, chats: list[list[dict]
         tokens, mask = left_pad(chunk + [chunk[0]] * (batch_size - len(chunk)), prompt_len, tokenizer.pad_id)
         generated = np.asarray(generate(
             params, tokens, mask, jax.random.PRNGKey(seed + start), cfg=cfg.model, max_new_tokens=new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_id=end_id,
         ))
         for row in generated[: len(chunk)]:
             text, ended = decode_response(tokenizer, row)

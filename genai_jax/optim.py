@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
 
-from genai_jax.config import OptimConfig
+from genai_jax.config import OptimConfig, RunConfig
 
 _EMBEDDING_NAMES = frozenset({"wte", "wpe"})
 
@@ -49,3 +51,21 @@ def make_optimizer(cfg: OptimConfig, max_steps: int) -> optax.GradientTransforma
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
+
+
+def updates_per_iteration(cfg: RunConfig) -> int:
+    return cfg.ppo.epochs * cfg.ppo.minibatches
+
+
+def make_ppo_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    """AdamW for the policy at optim.lr and for the value model at ppo.value_lr (each clipped on
+    its own), with schedules over all the run's updates; the value model's decays by the same
+    factor as the policy's (not at all when optim.lr is 0: a frozen policy)."""
+    total_updates = cfg.train.max_steps * updates_per_iteration(cfg)
+    value_lr = cfg.ppo.value_lr or cfg.optim.lr
+    decay = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr else 1.0
+    value_optim = dataclasses.replace(cfg.optim, lr=value_lr, min_lr=decay * value_lr)
+    return optax.multi_transform(
+        {"policy": make_optimizer(cfg.optim, total_updates), "value": make_optimizer(value_optim, total_updates)},
+        lambda params: {name: jax.tree.map(lambda _: name, tree) for name, tree in params.items()},
+    )

@@ -95,11 +95,11 @@ def report_memory(compiled, program: str, advice: str = TRAIN_STEP_ADVICE) -> di
     return memory
 
 
-def compile_step(strategy, train_step: Callable, abstract_state, example: tuple):
+def compile_step(strategy, train_step: Callable, abstract_state, example: tuple, program: str = "train step"):
     """(`train_step` compiled by `strategy` ahead of time for `example` arguments, its memory per
     device or None): refused if it cannot fit the device, its memory printed (`report_memory`)."""
     compiled = strategy.compile(train_step, abstract_state, example=example)
-    return compiled, report_memory(compiled, "train step")
+    return compiled, report_memory(compiled, program)
 
 
 def to_host(tree) -> Any:

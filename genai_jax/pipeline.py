@@ -15,19 +15,24 @@ import jax
 from etils import epath
 
 from genai_jax import config as config_lib
-from genai_jax import rundir
+from genai_jax import rlhf, rundir, stages
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import GOLD_PROMPTS, RunConfig
 from genai_jax.distributed import say
 from genai_jax.evaluation import gold_eval
+from genai_jax.reward import NORMALIZATION_FILE
+from genai_jax.runs import final_record, load_trained
 
 STAGES = ("base", "sft", "reward", "ppo")
 SUMMARY_FILE = "summary.json"
 
 
-def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: dict | None = None) -> dict[str, RunConfig]:
+def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: dict | None = None,
+                     stage_overrides: dict[str, dict] | None = None) -> dict[str, RunConfig]:
     """Each stage's config: the preset for that stage, wired to the earlier stages' directories,
-    with `overrides` ({"model": {...}, ...}) applied to every stage."""
+    with `overrides` ({"model": {...}, ...}) applied to every stage, then `stage_overrides`
+    ({"ppo": {"optim": {"lr": 3e-5}}, ...}: what `overrides.parse_pipeline_flags` returns) to
+    their stage alone."""
     run_dir = epath.Path(run_dir)
     configs = {
         "base": config_lib.preset(preset_name, "pretrain"),
@@ -37,14 +42,13 @@ def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: di
         "ppo": config_lib.replace(config_lib.preset(preset_name, "ppo"),
                                   ppo={"policy": str(run_dir / "sft"), "reward": str(run_dir / "reward")}),
     }
-    return {stage: config_lib.replace(cfg, **(overrides or {})) for stage, cfg in configs.items()}
+    configs = {stage: config_lib.replace(cfg, **(overrides or {})) for stage, cfg in configs.items()}
+    return {stage: config_lib.replace(cfg, **(stage_overrides or {}).get(stage, {})) for stage, cfg in configs.items()}
 
 
 def finished(stage_dir: epath.Path, cfg: RunConfig) -> bool:
     """Whether a stage's run directory holds its final checkpoint (and, for the reward model, the
     normalisation written after it)."""
-    from genai_jax.reward import NORMALIZATION_FILE
-
     if not (stage_dir / rundir.CONFIG_FILE).exists():
         return False
     checkpointer = Checkpointer(stage_dir / "checkpoints")
@@ -57,8 +61,6 @@ def finished(stage_dir: epath.Path, cfg: RunConfig) -> bool:
 def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold_prompts: int = GOLD_PROMPTS) -> dict:
     """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary (with
     several processes, process 0 alone writes and returns it; the others return {})."""
-    from genai_jax import rlhf, stages
-
     runners = {"base": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "ppo": rlhf.ppo}
     run_dir = epath.Path(run_dir)
     for stage in STAGES:
@@ -79,8 +81,6 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold
 def summarize(run_dir: epath.Path, gold_prompts: int) -> dict:
     """Per stage: its final metrics of interest, and each policy's held-out gold score (0-100),
     sampled at temperature 1 (the policy PPO trains) and greedy."""
-    from genai_jax.stages import final_record, load_trained
-
     final = {stage: final_record(run_dir / stage) for stage in STAGES}
     summary = {
         "base": {"val_loss": final["base"].get("val_loss")},

@@ -23,7 +23,7 @@ from etils import epath
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.data.chat import response_tokens
-from genai_jax.data.preferences import PreferenceGroup
+from genai_jax.data.preferences import PreferenceGroup, read_preferences_jsonl
 from genai_jax.distributed import say
 from genai_jax.evaluation import respond
 from genai_jax.model import GPT
@@ -114,8 +114,6 @@ def pair_accuracy(cfg: RunConfig, params, rows: dict[str, np.ndarray], batch_siz
 
 def load_preference_groups(cfg) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
     """(train, validation) groups of a JSONL file: its last `val_fraction` validates."""
-    from genai_jax.data.preferences import read_preferences_jsonl
-
     if cfg.resolved_source != "text":
         raise UserError(f"data.source {cfg.resolved_source!r} has no preferences (use world or --data.path FILE.jsonl)")
     groups, skipped = read_preferences_jsonl(cfg.path, cfg.skip_malformed, cfg.max_responses)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from functools import partial
@@ -24,7 +25,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from etils import epath
 from tqdm import tqdm
 
@@ -34,52 +34,22 @@ from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
+from genai_jax.data.conversations import read_prompts_jsonl
 from genai_jax.evaluation import bucketed_len, gold_eval, left_pad
 from genai_jax.metrics import summary
-from genai_jax.model import GPT, count_params, init_params
+from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
                                       make_ppo_objective, masked_whiten, policy_and_values)
-from genai_jax.optim import make_optimizer
+from genai_jax.optim import make_ppo_optimizer
 from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, peak_record, report_memory, to_host
+from genai_jax.runs import final_record, load_trained, make_ppo_init_fn, open_run, restore_target
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
-from genai_jax.train import Preempted, PreemptionGuard, make_init_fn, make_train_step
+from genai_jax.train import Preempted, PreemptionGuard, make_train_step
 
 GOLD_REWARD = "gold"
 """`ppo.reward` naming the task world's gold checker instead of a reward model run."""
-
-
-def updates_per_iteration(cfg: RunConfig) -> int:
-    return cfg.ppo.epochs * cfg.ppo.minibatches
-
-
-def make_ppo_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
-    """AdamW for the policy at optim.lr and for the value model at ppo.value_lr (each clipped on
-    its own), with schedules over all the run's updates; the value model's decays by the same
-    factor as the policy's (not at all when optim.lr is 0: a frozen policy)."""
-    total_updates = cfg.train.max_steps * updates_per_iteration(cfg)
-    value_lr = cfg.ppo.value_lr or cfg.optim.lr
-    decay = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr else 1.0
-    value_optim = dataclasses.replace(cfg.optim, lr=value_lr, min_lr=decay * value_lr)
-    return optax.multi_transform(
-        {"policy": make_optimizer(cfg.optim, total_updates), "value": make_optimizer(value_optim, total_updates)},
-        lambda params: {name: jax.tree.map(lambda _: name, tree) for name, tree in params.items()},
-    )
-
-
-def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
-    """TrainState init for {"policy", "value"}; with no params given, random ones of the right shape
-    (enough for `jax.eval_shape`, to restore checkpoints into)."""
-
-    def init(key):
-        policy_key, value_key = jax.random.split(key)
-        return {
-            "policy": init_params(cfg.model, policy_key, "lm") if policy_params is None else policy_params,
-            "value": init_params(cfg.model, value_key, "scalar") if value_params is None else value_params,
-        }
-
-    return make_init_fn(init, make_ppo_optimizer(cfg), cfg.train.seed)
 
 
 def response_mask(response: jax.Array, end_id: int) -> jax.Array:
@@ -163,8 +133,6 @@ class Prompts:
 
 def load_prompts(cfg: RunConfig, tokenizer: Tokenizer) -> Prompts:
     """Training-side task-world instructions, or the prompts of a JSONL file (--data.path)."""
-    from genai_jax.data.conversations import read_prompts_jsonl
-
     source = cfg.data.resolved_source
     problems = None
     if source == "world":
@@ -203,9 +171,6 @@ def load_models(cfg: RunConfig):
     """(config with the policy's model, tokenizer, SFT params, value model's initial params, reward
     params, normalisation), refusing runs that cannot work together. With `ppo.reward=gold` there
     is no reward model (None, None) and the value model starts from the SFT trunk."""
-    from genai_jax.model import with_scalar_head
-    from genai_jax.stages import load_trained
-
     if not cfg.ppo.policy or not cfg.ppo.reward:
         raise UserError("ppo needs --policy SFT_RUN and --reward REWARD_RUN (or gold)")
     policy_cfg, tokenizer, sft_params = load_trained(cfg.ppo.policy)
@@ -298,7 +263,7 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
     response = jax.block_until_ready(generate(
         params["policy"], prompt, prompt_mask, key, cfg=cfg.model, max_new_tokens=cfg.ppo.max_new_tokens,
-        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p))
+        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p, stop_id=end_id))
     generate_s = time.perf_counter() - start
     host_response = np.asarray(host_copy(response))
     scores = None if score_responses is None else placement.rows(score_responses(rows, host_response))
@@ -329,7 +294,7 @@ def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, plac
         generation = generate.lower(
             params["policy"], prompt, prompt_mask, key, cfg=cfg.model,
             max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k,
-            top_p=cfg.ppo.top_p).compile()
+            top_p=cfg.ppo.top_p, stop_id=end_id).compile()
         response = jax.ShapeDtypeStruct(generation.out_info.shape, generation.out_info.dtype,
                                         sharding=generation.out_info.sharding)
         scoring = experience.lower(
@@ -342,26 +307,76 @@ def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, plac
     return train_batch, peaks
 
 
-def ppo_updates(state, batch: dict, step_fn, strategy, cfg: RunConfig, iteration: int, key, minibatch_rows: int):
+def packed_rows(cfg: RunConfig, prompts: Prompts, minibatch_rows: int, divisor: int) -> int:
+    """Rows of `model.context_len` tokens a packed minibatch gets (`ppo.pack_rows`; 0 when packing
+    is off or would not compute fewer tokens than the unpacked minibatch), a multiple of `divisor`.
+    By default: room for the minibatch's prompts (at their mean length) plus half of
+    `max_new_tokens` each, and one row more for the slack of packing whole sequences."""
+    if cfg.ppo.pack_rows < 0:
+        return 0
+    width = cfg.model.context_len
+    rows = cfg.ppo.pack_rows
+    if rows == 0:
+        expected_len = prompts.mask.sum(axis=1).mean() + cfg.ppo.max_new_tokens / 2
+        rows = math.ceil(minibatch_rows * expected_len / width) + 1
+    rows = -(-rows // divisor) * divisor
+    unpacked_tokens = minibatch_rows * (prompts.tokens.shape[1] + cfg.ppo.max_new_tokens - 1)
+    return rows if rows * width < unpacked_tokens else 0
+
+
+def pack_minibatch(minibatch: dict[str, np.ndarray], rows: int, width: int) -> dict[str, np.ndarray] | None:
+    """The minibatch's sequences (each row's real tokens, where `segment_ids` > 0, contiguous) moved
+    into `rows` rows of `width` tokens, several to a row (first fit, longest first), with segment
+    ids 1, 2, ... within each row; None if they do not fit. Attention never crosses segments and
+    every sequence keeps its positions, so each token's logits, values and loss terms are those of
+    the unpacked minibatch; only padding is dropped."""
+    real = minibatch["segment_ids"] > 0
+    lengths = real.sum(axis=1)
+    starts = np.argmax(real, axis=1)
+    used, segments = np.zeros(rows, int), np.zeros(rows, int)
+    packed = {name: np.zeros((rows, width), x.dtype) for name, x in minibatch.items()}
+    for sequence in np.argsort(-lengths, kind="stable"):
+        length = lengths[sequence]
+        fitting = np.flatnonzero(used + length <= width)
+        if len(fitting) == 0:
+            return None
+        row = fitting[0]
+        source, target = slice(starts[sequence], starts[sequence] + length), slice(used[row], used[row] + length)
+        for name, x in minibatch.items():
+            packed[name][row, target] = x[sequence, source]
+        segments[row] += 1
+        packed["segment_ids"][row, target] = segments[row]
+        used[row] += length
+    return packed
+
+
+def ppo_updates(state, batch: dict, steps: dict, strategy, cfg: RunConfig, iteration: int, key,
+                minibatch_rows: int):
     """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
     on every process, so the minibatches do not depend on the number of processes), one train step
-    each. Returns the state and the updates' metrics as one record (`metrics.summary`)."""
-    updates = []
+    each: `steps["packed"]` on the minibatch packed (`pack_minibatch`) where it fits, else
+    `steps["unpacked"]`. Returns the state and the updates' metrics as one record
+    (`metrics.summary`), with the share of updates that ran packed."""
+    updates, packed_updates = [], 0
     for epoch in range(cfg.ppo.epochs):
         order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(batch["inputs"]))
         for m in range(cfg.ppo.minibatches):
             chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
-            minibatch = strategy.place_global({name: value[chosen] for name, value in batch.items()})
-            state, metrics = step_fn(state, minibatch, jax.random.fold_in(key, len(updates) + 1))
+            minibatch = {name: value[chosen] for name, value in batch.items()}
+            step_fn = steps["unpacked"]
+            if "packed" in steps:
+                packed = pack_minibatch(minibatch, *steps["packed_shape"])
+                if packed is not None:
+                    minibatch, step_fn, packed_updates = packed, steps["packed"], packed_updates + 1
+            state, metrics = step_fn(state, strategy.place_global(minibatch), jax.random.fold_in(key, len(updates) + 1))
             updates.append(metrics)
-    return state, summary([strategy.metrics_to_host(metrics) for metrics in updates])
+    record = summary([strategy.metrics_to_host(metrics) for metrics in updates])
+    return state, record | {"packed_updates": packed_updates / len(updates)}
 
 
 def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 3: PPO on the policy of `ppo.policy` against the reward model of `ppo.reward`.
     Returns the final metrics (the last iteration's record merged with the last evaluation)."""
-    from genai_jax.stages import final_record, open_run, restore_target
-
     run_dir = epath.Path(run_dir)
     cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)
     prompts = load_prompts(cfg, tokenizer)
@@ -393,10 +408,19 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     train_batch, rollout_memory = compile_rollout(
         cfg, strategy.state_to_host(state).params, frozen, prompts, placement, end_id=end_id, pad_id=tokenizer.pad_id,
         gold=score_responses is not None)
-    example = {name: np.zeros((minibatch_rows, *x.shape[1:]), x.dtype) for name, x in train_batch.items()}
-    step_fn, memory = compile_step(
-        strategy, make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum),
-        abstract_state, example=(state, strategy.place_global(example), jax.random.PRNGKey(0)))
+    train_step = make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum)
+
+    def compile_update(rows: int, width: int, program: str):
+        example = {name: np.zeros((rows, width), x.dtype) for name, x in train_batch.items()}
+        return compile_step(strategy, train_step, abstract_state,
+                            example=(state, strategy.place_global(example), jax.random.PRNGKey(0)), program=program)
+
+    steps = {}
+    steps["unpacked"], memory = compile_update(minibatch_rows, train_batch["inputs"].shape[1], "train step")
+    pack_rows = packed_rows(cfg, prompts, minibatch_rows, strategy.batch_divisor * jax.process_count() * cfg.optim.grad_accum)
+    if pack_rows:
+        steps["packed_shape"] = (pack_rows, cfg.model.context_len)
+        steps["packed"], _ = compile_update(pack_rows, cfg.model.context_len, "train step on packed minibatches")
 
     def host_policy():
         """The policy's parameters, whole on every process (a collective: all processes evaluate)."""
@@ -406,7 +430,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     base_rng = to_host(strategy.state_to_host(state).rng)
     if iteration == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params), "prompts": len(prompts.tokens),
-                      "prompt_len": prompts.tokens.shape[1],
+                      "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,
                       **peak_record("step_memory_mib", memory), **rollout_memory})
         writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer)})
     show = cfg.train.progress and jax.process_index() == 0
@@ -426,7 +450,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                         cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
                         end_id=end_id, pad_id=tokenizer.pad_id, score_responses=score_responses)
                 start = time.perf_counter()
-                state, updates = ppo_updates(state, batch, step_fn, strategy, cfg, iteration, key, minibatch_rows)
+                state, updates = ppo_updates(state, batch, steps, strategy, cfg, iteration, key, minibatch_rows)
                 iteration += 1
                 record = {"step": iteration, **stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer),
                           **updates, **timings, "train_s": time.perf_counter() - start}

@@ -72,7 +72,7 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # only process 0 writes events, so only it pays for the import
 
         self.path = run_dir / METRICS_FILE
         # a run starting over at step 0 (it stopped before its first checkpoint) starts a new log

@@ -16,20 +16,24 @@ import numpy as np
 from etils import epath
 
 from genai_jax import config as config_lib
+from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import chat as chat_data
-from genai_jax.data import loader, sources
+from genai_jax.data import loader, sources, world
+from genai_jax.data.chat import build_preference_rows
 from genai_jax.distributed import say
-from genai_jax.model import GPT, count_params, init_params
+from genai_jax.evaluation import respond
+from genai_jax.model import GPT, count_params, init_params, with_scalar_head
+from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
-from genai_jax.parallel import (Mesh, Single, compile_step, host_copy, make_strategy, peak_record, sync_processes,
-                                to_host)
+from genai_jax.parallel import compile_step, host_copy, make_strategy, peak_record, sync_processes, to_host
+from genai_jax.runs import final_record, load_trained, open_run, restore_target, with_vocab
 from genai_jax.sampling import check_length, generate
-from genai_jax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from genai_jax.tokenizer import Tokenizer, build_tokenizer
 from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
 
 
@@ -45,51 +49,6 @@ def check_config(cfg: RunConfig) -> int:
     bad flag fails before anything is written)."""
     loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
     return seq_len(cfg)
-
-
-def with_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
-    """Fill model.vocab_size from the tokenizer (rounded up to model.vocab_multiple)."""
-    vocab = cfg.model.vocab_size
-    if vocab == 0:
-        multiple = cfg.model.vocab_multiple
-        vocab = -(-tokenizer.vocab_size // multiple) * multiple
-    elif vocab < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-
-
-def restore_target(abstract_state, strategy):
-    """Shapes, dtypes and shardings to restore a checkpoint into (sharded under `mesh`)."""
-    if isinstance(strategy, Mesh):
-        shardings = strategy.state_sharding(abstract_state)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract_state)
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
-    )
-
-
-def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunConfig, Tokenizer]:
-    """(config with vocab filled in, tokenizer) of a new run directory, where
-    `new_tokenizer(run_dir)` saves the tokenizer, or of an existing one checked for compatibility.
-    A refused run directory is left exactly as it was. With several processes, all of them look
-    before process 0 writes, and the others read what it wrote."""
-    resuming = (run_dir / rundir.CONFIG_FILE).exists()
-    foreign = not resuming and run_dir.exists() and any(run_dir.iterdir())
-    sync_processes("open_run: looked")
-    if resuming:
-        tokenizer = load_tokenizer(run_dir)
-        cfg = with_vocab(cfg, tokenizer)
-        rundir.check_resumable(run_dir, cfg)
-        return cfg, tokenizer
-    if foreign:
-        raise UserError(f"{run_dir} is not empty and holds no {rundir.CONFIG_FILE}; choose another --run-dir")
-    if jax.process_index() == 0:
-        rundir.write_config(run_dir, with_vocab(cfg, new_tokenizer(run_dir)))
-    sync_processes("open_run: written")
-    tokenizer = load_tokenizer(run_dir)
-    return with_vocab(cfg, tokenizer), tokenizer
 
 
 def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_source, val_source,
@@ -162,15 +121,6 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     return strategy.state_to_host(state)
 
 
-def final_record(run_dir: epath.Path) -> dict:
-    """The records of a run's last step merged, e.g. its train and eval records (process 0; others
-    have none)."""
-    if jax.process_index() != 0:
-        return {}
-    records = rundir.read_metrics(run_dir)
-    return {name: value for record in records if record["step"] == records[-1]["step"] for name, value in record.items()}
-
-
 def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
     run_dir = epath.Path(run_dir)
@@ -236,13 +186,6 @@ def load_init(cfg: RunConfig, missing: str) -> tuple[RunConfig, Tokenizer, dict]
 def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2b: a reward model (the SFT trunk + a scalar head) trained with Bradley-Terry on
     preference groups, then normalised on the SFT policy's samples. Returns the final metrics."""
-    from genai_jax import reward as reward_lib
-    from genai_jax.data import world
-    from genai_jax.data.chat import build_preference_rows
-    from genai_jax.evaluation import respond
-    from genai_jax.model import with_scalar_head
-    from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
-
     run_dir = epath.Path(run_dir)
     if cfg.model.head != "scalar":
         raise UserError("a reward model needs model.head=scalar")
@@ -307,23 +250,3 @@ def sample_text(cfg: RunConfig, params, tokenizer: Tokenizer, prompt: np.ndarray
         cfg=cfg.model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
     )
     return tokenizer.decode(np.concatenate([prompt, np.asarray(tokens[0])]))
-
-
-def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
-    """(config, tokenizer, params) of a run's latest checkpoint, on the default device."""
-    run_dir = epath.Path(run_dir)
-    cfg = rundir.read_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    if checkpointer.latest_step() is None:
-        raise UserError(f"{run_dir}: no checkpoint yet")
-    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} under the PPO optimizer
-        from genai_jax.rlhf import make_ppo_init_fn
-
-        init_fn = make_ppo_init_fn(cfg)
-    else:
-        init_fn = make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps),
-                               cfg.train.seed)
-    state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
-    checkpointer.close()
-    return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params

@@ -73,7 +73,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, model: bytes):
         """`model`: a serialized sentencepiece model (a .model file's bytes)."""
-        import sentencepiece as spm
+        import sentencepiece as spm  # imported where used: char-tokenizer runs never load it
 
         self.model = model
         self.sp = spm.SentencePieceProcessor(model_proto=model)
@@ -81,7 +81,7 @@ class SentencePieceTokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int, model_type: str) -> "SentencePieceTokenizer":
-        import sentencepiece as spm
+        import sentencepiece as spm  # imported where used: char-tokenizer runs never load it
 
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:

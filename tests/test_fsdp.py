@@ -12,7 +12,7 @@ import optax
 import pytest
 from conftest import NUM_DEVICES, assert_trees_close, lm_batch, random_tokens, tiny_model, tiny_run
 
-from genai_jax import config
+from genai_jax import config, rlhf
 from genai_jax.config import OptimConfig
 from genai_jax.evaluation import left_pad
 from genai_jax.metrics import summary
@@ -21,10 +21,10 @@ from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.objectives.ppo import make_ppo_objective
-from genai_jax.optim import make_optimizer
+from genai_jax.optim import make_optimizer, make_ppo_optimizer
 from genai_jax.parallel import _MIN_FSDP_SIZE, Mesh, Single, fsdp_spec
-from genai_jax import rlhf
-from genai_jax.rlhf import _Placement, experience, make_ppo_init_fn, make_ppo_optimizer
+from genai_jax.rlhf import _Placement, experience
+from genai_jax.runs import make_ppo_init_fn
 from genai_jax.sampling import generate
 from genai_jax.train import TrainState, make_init_fn, make_train_step
 

@@ -18,8 +18,10 @@ from conftest import (REPO, assert_one_error, assert_trees_close, cli_flags, run
 from test_pipeline import small_configs
 from test_sft import BASE_RUN, sft_config
 
-from genai_jax import distributed, pipeline, rundir, stages
+from genai_jax import distributed, pipeline, rundir, runs
 from genai_jax.checkpoint import Checkpointer
+
+pytestmark = pytest.mark.slow  # several processes, each a whole stage: the full suite's, not the fast tier's
 
 PRETRAIN = ["pretrain", *cli_flags(BASE_RUN)]
 SFT = ["sft", *cli_flags(sft_config(), stage="sft")]
@@ -114,7 +116,7 @@ def test_two_process_checkpoint_restores_in_one_process(tmp_path, pretrain_runs)
     """...and goes on with the batches one process would have drawn: the data position is a count
     of global batches (batch k holds the same rows however many processes share it)."""
     one, two = pretrain_runs
-    assert_trees_close(stages.load_trained(two)[2], stages.load_trained(one)[2])
+    assert_trees_close(runs.load_trained(two)[2], runs.load_trained(one)[2])
 
     run_dir = shutil.copytree(two, tmp_path / "run")
     before = rundir.read_metrics(run_dir)
@@ -155,7 +157,7 @@ def test_two_processes_ppo_like_one(tmp_path, sft_runs):
     assert [r["step"] for r in records if "proxy_reward" in r] == [1, 2]  # process 0 alone logs
     assert [r["step"] for r in records if "val_gold_score" in r] == [0, 2]
     assert_same_records(one, two)
-    assert_trees_close(stages.load_trained(two)[2], stages.load_trained(one)[2])
+    assert_trees_close(runs.load_trained(two)[2], runs.load_trained(one)[2])
 
 
 def test_two_processes_run_the_pipeline(tmp_path):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from conftest import assert_one_error, assert_trees_close, run_cli, snapshot
 
-from genai_jax import config, pipeline, rlhf, rundir, stages
+from genai_jax import config, pipeline, rlhf, rundir, runs
+
+pytestmark = pytest.mark.slow  # the four stages end to end
 
 SMALL = dict(n_layer=2, n_head=2, d_model=32, context_len=64)
 SHORT = dict(batch_size=8, max_steps=4, ckpt_every=4, eval_every=4, eval_batches=1, progress=False)
@@ -85,7 +87,7 @@ def test_ppo_resumes_exactly(finished_pipeline, tmp_path):
     assert [r["step"] for r in straight if "proxy_reward" in r] == [1, 2, 3, 4]
     assert len({r["beta"] for r in straight if "beta" in r}) == 4
     assert resumed == straight
-    assert_trees_close(stages.load_trained(tmp_path / "resumed")[2], stages.load_trained(tmp_path / "straight")[2],
+    assert_trees_close(runs.load_trained(tmp_path / "resumed")[2], runs.load_trained(tmp_path / "straight")[2],
                        rtol=0, atol=0)
 
 
@@ -113,8 +115,8 @@ def test_ppo_batch_must_split_into_minibatches(finished_pipeline, tmp_path):
 
 def test_a_ppo_run_loads_as_its_policy(finished_pipeline):
     run_dir, _ = finished_pipeline
-    cfg, _, params = stages.load_trained(run_dir / "ppo")
-    sft_params = stages.load_trained(run_dir / "sft")[2]
+    cfg, _, params = runs.load_trained(run_dir / "ppo")
+    sft_params = runs.load_trained(run_dir / "sft")[2]
     assert cfg.model.head == "lm"
     assert jax.tree.structure(params) == jax.tree.structure(sft_params)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), params, sft_params))
@@ -132,7 +134,7 @@ def test_ppo_against_the_gold_checker(finished_pipeline, tmp_path):
     for record in iterations:
         assert record["proxy_reward"] == pytest.approx(record["gold_score"], abs=1e-6)
     assert rundir.read_config(tmp_path / "ppo").ppo.reward == "gold"
-    assert stages.load_trained(tmp_path / "ppo")[0].model.head == "lm"
+    assert runs.load_trained(tmp_path / "ppo")[0].model.head == "lm"
 
 
 def test_ppo_against_gold_needs_the_task_world(finished_pipeline, tmp_path):

@@ -17,8 +17,10 @@ from genai_jax.metrics import summary
 from genai_jax.model import GPT, init_params
 from genai_jax.objectives.ppo import adaptive_kl_update, gae, kl_estimate, make_ppo_objective, masked_whiten
 from genai_jax.parallel import Mesh, Pmap, Single
-from genai_jax.rlhf import (check_batches, experience, make_ppo_init_fn, make_ppo_optimizer, prompt_rows,
+from genai_jax.optim import make_ppo_optimizer
+from genai_jax.rlhf import (Prompts, check_batches, experience, pack_minibatch, packed_rows, prompt_rows,
                             response_mask)
+from genai_jax.runs import make_ppo_init_fn
 from genai_jax.sampling import generate
 from genai_jax.train import make_train_step
 
@@ -479,6 +481,40 @@ def test_ppo_step_matches_single_device(make_strategy, accum_steps, models, samp
     for name in metrics:
         np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
     assert_trees_close(new_params, expected_params, rtol=1e-5, atol=1e-6)
+
+
+def test_a_packed_minibatch_trains_exactly_as_unpacked(models, sampled, single_ppo_step):
+    """Several sequences to a row (segment ids apart, positions their own): the step's metrics and
+    the updated parameters are those of the unpacked minibatch, from fewer tokens."""
+    batch = step_batch(sampled[3])
+    width = PPO_RUN.model.context_len
+    rows = next(r for r in range(1, ROWS + 1) if pack_minibatch(batch, r, width) is not None)
+    packed = pack_minibatch(batch, rows, width)
+    assert rows * width < batch["inputs"].size and pack_minibatch(batch, rows - 1, width) is None
+    assert packed["segment_ids"].max() > 1  # some row holds several sequences
+    np.testing.assert_array_equal(np.sort(packed["inputs"][packed["segment_ids"] > 0]),
+                                  np.sort(batch["inputs"][batch["segment_ids"] > 0]))
+    assert packed["weights"].sum() == batch["weights"].sum()
+    metrics, new_params = one_ppo_step(Single(), models, packed)
+    expected_metrics, expected_params = single_ppo_step
+    for name in expected_metrics:
+        np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert_trees_close(new_params, expected_params, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_rows_default_and_refusals():
+    """Room for the minibatch's prompts and half the response slots, one more row, a multiple of
+    the devices; no packing where it would not save tokens, or with ppo.pack_rows -1."""
+    tokens, mask = left_pad([np.ones(n, np.int32) for n in (10, 20, 30)], 32, PAD)
+    prompts = Prompts(tokens, mask, None)
+    cfg = config.replace(PPO_RUN, model=dict(context_len=96), ppo=dict(max_new_tokens=16))
+    # 16 sequences of 20 + 8 expected tokens in rows of 96: 5 rows, and one more; unpacked, 16 x 47 tokens.
+    assert packed_rows(cfg, prompts, 16, divisor=1) == 6
+    assert packed_rows(cfg, prompts, 16, divisor=3) == 6
+    assert packed_rows(cfg, prompts, 16, divisor=4) == 0  # 8 x 96 > 16 x 47
+    assert packed_rows(config.replace(cfg, ppo=dict(pack_rows=-1)), prompts, 16, divisor=1) == 0
+    assert packed_rows(config.replace(cfg, ppo=dict(pack_rows=3)), prompts, 16, divisor=1) == 3
+    assert packed_rows(config.replace(cfg, ppo=dict(pack_rows=8)), prompts, 16, divisor=1) == 0  # 768 > 16 x 47
 
 
 def test_ppo_optimizer_with_a_frozen_policy(models):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import NUM_DEVICES, REPO, cli_flags, run_cli_subprocess, tiny_run, train_losses
 
 from genai_jax import stages
@@ -40,6 +41,7 @@ def wait_for_train_steps(run_dir, process, count: int, timeout: float = 180) -> 
     raise AssertionError(f"no {count} train steps in {timeout} s")
 
 
+@pytest.mark.slow  # a stage in a subprocess, stopped and relaunched
 def test_sigterm_saves_exits_143_and_the_relaunch_resumes_exactly(tmp_path):
     run_dir = tmp_path / "run"
     argv = ["pretrain", *cli_flags(CFG), "--run-dir", str(run_dir)]

@@ -36,6 +36,7 @@ def test_run_directory_holds_config_tokenizer_metrics_and_samples(trained_run):
     assert len(sample) == 1 + tiny_run().train.sample_tokens + 1  # prompt token, new tokens, newline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_resumed_run_matches_uninterrupted_run(tmp_path, dropout):
     cfg = tiny_run(model={"dropout": dropout}, train={"max_steps": 8, "ckpt_every": 4, "sample_tokens": 0})
@@ -64,6 +65,7 @@ def write_corpus_files(root):
     return root / "corpus.txt", folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["file", "folder"])
 def test_local_text_trains(tmp_path, which):
     file, folder = write_corpus_files(tmp_path)
@@ -75,6 +77,7 @@ def test_local_text_trains(tmp_path, which):
     assert load_tokenizer(tmp_path / "run").chars == "".join(sorted(set(CORPUS)))
 
 
+@pytest.mark.slow
 def test_tfds_source_trains_on_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=200):
         final = stages.pretrain(tiny_run(data={"source": "tfds:tiny_shakespeare"}), tmp_path / "run")
@@ -83,6 +86,7 @@ def test_tfds_source_trains_on_mock_data(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["source"] == "tfds:tiny_shakespeare"
 
 
+@pytest.mark.slow
 def test_sentencepiece_tokenizer_is_trained_saved_and_reloaded_on_resume(tmp_path):
     run_dir = tmp_path / "run"
     data = {"tokenizer": "sentencepiece", "sp_vocab_size": 400}
@@ -111,6 +115,7 @@ def test_steady_state_never_recompiles(tmp_path, caplog):
     assert sum("jit(eval_step)" in m for m in compiled) == 1
 
 
+@pytest.mark.slow
 def test_run_that_restarts_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     import shutil
 

@@ -24,7 +24,7 @@ from conftest import (
     tiny_run,
 )
 
-from genai_jax import cli, config, reward, rundir, stages
+from genai_jax import cli, config, reward, rundir, runs, stages
 from genai_jax.config import UserError
 from genai_jax.data import world
 from genai_jax.data.chat import build_preference_rows
@@ -469,6 +469,7 @@ def reward_run(tmp_path_factory, sft_run):
     return run_dir
 
 
+@pytest.mark.slow
 def test_reward_run_directory(reward_run, sft_run):
     saved = json.loads((reward_run / "config.json").read_text())
     assert saved["model"]["head"] == "scalar" and saved["train"]["init_from"] == str(sft_run)
@@ -490,8 +491,8 @@ def test_reward_run_directory(reward_run, sft_run):
         assert 0 <= final[name] <= 1, name
 
     # The trunk starts from the SFT weights (4 small steps away), the head is new.
-    _, _, sft_params = stages.load_trained(sft_run)
-    cfg, _, rm_params = stages.load_trained(reward_run)
+    _, _, sft_params = runs.load_trained(sft_run)
+    cfg, _, rm_params = runs.load_trained(reward_run)
     assert cfg.model.head == "scalar" and "scalar_head" in rm_params["params"]
     trunk = {name: value for name, value in rm_params["params"].items() if name != "scalar_head"}
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
@@ -499,6 +500,7 @@ def test_reward_run_directory(reward_run, sft_run):
     assert 0 < max(diffs) < 5e-3
 
 
+@pytest.mark.slow
 def test_reward_refuses_an_sft_run_with_another_model(tmp_path, capsys, sft_run):
     before = snapshot(sft_run)
     code, _, err = run_cli(capsys, *reward_argv(tmp_path / "run", "--init-from", sft_run, "--model.n-layer", 3))
@@ -508,6 +510,7 @@ def test_reward_refuses_an_sft_run_with_another_model(tmp_path, capsys, sft_run)
     assert snapshot(sft_run) == before
 
 
+@pytest.mark.slow
 def test_reward_needs_init_from_and_a_scalar_head(tmp_path, capsys, sft_run):
     code, _, err = run_cli(capsys, *reward_argv(tmp_path / "run"))
     assert_one_error(code, err, "--init-from")
@@ -527,6 +530,7 @@ def hand_rewards(cfg, params, tokenizer, chats) -> np.ndarray:
     return np.array([values[row, len(chat_tokens) - 1] for row, chat_tokens in enumerate(encoded)], np.float64)
 
 
+@pytest.mark.slow
 def test_score_command(tmp_path, capsys, reward_run):
     problems = world.problems(9, 4, held_out=True)
     lines = [{"prompt": p.instruction, "response": response}
@@ -543,7 +547,7 @@ def test_score_command(tmp_path, capsys, reward_run):
     assert [{k: v for k, v in record.items() if k != "score"} for record in out] == lines
     assert all(type(record["score"]) is float for record in out)
 
-    cfg, tokenizer, params = stages.load_trained(reward_run)
+    cfg, tokenizer, params = runs.load_trained(reward_run)
     normalization = json.loads((reward_run / "reward_normalization.json").read_text())
     chats = [[{"role": "user", "content": line["prompt"]}, {"role": "assistant", "content": line["response"]}]
              for line in lines[:-1]] + [multi]
@@ -553,6 +557,7 @@ def test_score_command(tmp_path, capsys, reward_run):
     np.testing.assert_allclose([record["score"] for record in out], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_score_writes_the_input_lines_with_a_score_added(tmp_path, capsys, reward_run):
     """What `score --out` promises: each input line as it was (its form and any other fields, such
     as an id to join on), plus "score"."""
@@ -567,6 +572,7 @@ def test_score_writes_the_input_lines_with_a_score_added(tmp_path, capsys, rewar
     assert [{k: v for k, v in record.items() if k != "score"} for record in out] == lines
 
 
+@pytest.mark.slow
 def test_score_refuses_a_run_that_is_not_a_reward_model(tmp_path, capsys, sft_run):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "how many letters are in abc?", "response": "3"}) + "\n")
@@ -579,8 +585,9 @@ def hh(*turns: tuple[str, str]) -> str:
     return "".join(f"\n\n{speaker}: {text}" for speaker, text in turns)
 
 
+@pytest.mark.slow
 def test_reward_on_an_hh_rlhf_file(tmp_path, capsys, sft_run):
-    tokenizer = stages.load_trained(sft_run)[1]
+    tokenizer = runs.load_trained(sft_run)[1]
     known = set(tokenizer.chars)
     problems = [p for p in world.problems(21, 64) if set(p.instruction + p.answer) <= known][:32]
     assert len(problems) == 32

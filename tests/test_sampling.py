@@ -84,3 +84,29 @@ def test_prompt_plus_new_tokens_beyond_context_is_a_user_error():
     check_length(cfg, 10, cfg.context_len - 10)
     with pytest.raises(UserError, match="context_len"):
         check_length(cfg, 10, cfg.context_len - 9)
+
+
+def test_stop_id_ends_decoding_once_every_row_has_stopped(model):
+    """With `stop_id`, each row's tokens and log-probabilities up to its first stop token are those
+    of a run without it; once every row has stopped, the remaining slots hold the stop token."""
+    cfg, params = model
+    batch, mask = left_pad([random_tokens(5, seed=s) for s in range(3)])
+    sampling = dict(cfg=cfg, max_new_tokens=16, temperature=1.0, with_logprobs=True)
+    for seed in range(20):  # a random model has no end token: find a key under which one token is in every row
+        key = jax.random.PRNGKey(seed)
+        tokens, logprobs = (np.asarray(x) for x in generate(params, batch, mask, key, **sampling))
+        first = {v: max(list(row).index(v) if v in row else 99 for row in tokens) for v in np.unique(tokens)}
+        stop_id = int(min(first, key=first.get))
+        last_stop = first[stop_id]
+        if last_stop < 14:
+            break
+    assert last_stop < 14
+    stopped_tokens, stopped_logprobs = (np.asarray(x) for x in generate(
+        params, batch, mask, key, stop_id=stop_id, **sampling))
+    for row in range(len(tokens)):
+        end = list(tokens[row]).index(stop_id) + 1
+        np.testing.assert_array_equal(stopped_tokens[row, :end], tokens[row, :end])
+        np.testing.assert_allclose(stopped_logprobs[row, :end], logprobs[row, :end], rtol=1e-5, atol=1e-6)
+    assert (stopped_tokens[:, last_stop + 1:] == stop_id).all()
+    assert (stopped_logprobs[:, last_stop + 1:] == 0).all()
+    assert (tokens[:, last_stop + 1:] != stop_id).any()  # without stop_id, decoding went on

@@ -24,7 +24,7 @@ from conftest import (
     tiny_run,
 )
 
-from genai_jax import cli, config, evaluation, rundir, stages
+from genai_jax import cli, config, evaluation, rundir, runs, stages
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig
 from genai_jax.data import world
@@ -401,6 +401,7 @@ def sft_run(tmp_path_factory, base_run):
     return run_dir
 
 
+@pytest.mark.slow
 def test_sft_run_directory(sft_run, base_run):
     saved = rundir.read_config(sft_run)
     base = rundir.read_config(base_run)
@@ -417,11 +418,12 @@ def test_sft_run_directory(sft_run, base_run):
 
     # Fine-tuned from the base run's weights: a few warmup steps move them only slightly (a fresh
     # init would be ~0.02 away everywhere).
-    _, _, base_params = stages.load_trained(base_run)
-    _, _, sft_params = stages.load_trained(sft_run)
+    _, _, base_params = runs.load_trained(base_run)
+    _, _, sft_params = runs.load_trained(sft_run)
     assert 0 < max_abs_diff(sft_params, base_params) < 5e-3
 
 
+@pytest.mark.slow
 def test_sft_resumes_with_more_steps(tmp_path, sft_run, base_run):
     run_dir = shutil.copytree(sft_run, tmp_path / "run")
     before = rundir.read_metrics(run_dir)
@@ -432,6 +434,7 @@ def test_sft_resumes_with_more_steps(tmp_path, sft_run, base_run):
     assert Checkpointer(run_dir / "checkpoints").latest_step() == SFT_STEPS + 2
 
 
+@pytest.mark.slow
 def test_sft_refuses_a_base_run_with_another_model(tmp_path, capsys, base_run):
     before = snapshot(base_run)
     code, _, err = run_cli(capsys, *sft_argv(tmp_path / "run", "--init-from", base_run, "--model.n-layer", 3))
@@ -452,6 +455,7 @@ def write_jsonl(path, chats) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_index", [1, 9], ids=["train-split", "validation-split"])
 def test_sft_names_a_character_the_base_tokenizer_lacks(tmp_path, capsys, base_run, bad_index):
     """Of 10 conversations the last is the validation split (data.val_fraction 0.1); either way the
@@ -470,6 +474,7 @@ def test_sft_names_a_character_the_base_tokenizer_lacks(tmp_path, capsys, base_r
 PROMPTS = [p.instruction for p in world.problems(11, 3, held_out=True)]
 
 
+@pytest.mark.slow
 def test_eval_command(capsys, sft_run):
     code, out, err = run_cli(capsys, "eval", "--run", sft_run, "--num-prompts", 16)
     assert code == 0, err
@@ -489,6 +494,7 @@ def generate_file(capsys, run_dir, prompts_path, out_path) -> list[dict]:
     return [json.loads(line) for line in out_path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_generate_answers_a_prompts_file_in_order(tmp_path, capsys, sft_run):
     prompts_path = tmp_path / "prompts.jsonl"
     prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -498,11 +504,12 @@ def test_generate_answers_a_prompts_file_in_order(tmp_path, capsys, sft_run):
     assert [line["prompt"] for line in first] == PROMPTS
     assert first == second  # greedy decoding is deterministic
 
-    cfg, tokenizer, params = stages.load_trained(sft_run)
+    cfg, tokenizer, params = runs.load_trained(sft_run)
     responses = evaluation.respond(cfg, params, tokenizer, [qa(p, "x")[:1] for p in PROMPTS], max_new_tokens=8)
     assert [line["response"] for line in first] == [r.text for r in responses]
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_history(monkeypatch, capsys, sft_run):
     lines = iter(["what is 1 plus 2?", "reverse the word dog"])
 

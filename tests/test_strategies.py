@@ -15,7 +15,8 @@ from conftest import (
     train_losses,
 )
 
-from genai_jax import rundir, stages
+from genai_jax import stages
+from genai_jax.runs import final_record
 from genai_jax.config import OptimConfig
 from genai_jax.model import GPT, init_params
 from genai_jax.objectives.lm import make_lm_objective
@@ -96,6 +97,7 @@ def test_fsdp_really_splits_parameters():
     assert any(leaf.addressable_shards[0].data.shape != leaf.shape for leaf in mu_leaves)
 
 
+@pytest.mark.slow
 def test_mesh_on_one_device_matches_eight(tmp_path, trained_run):
     """The CLI on a 1-device mesh (subprocess) logs the losses of the 8-device mesh run."""
     run_dir = tmp_path / "one-device"
@@ -106,6 +108,7 @@ def test_mesh_on_one_device_matches_eight(tmp_path, trained_run):
     np.testing.assert_allclose([one[s] for s in sorted(one)], [eight[s] for s in sorted(eight)], rtol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["single", "pmap"])
 def test_pretrain_stage_matches_mesh_under_other_strategies(tmp_path, trained_run, strategy):
     """`train.strategy` changes nothing in the logged losses of a pretraining run (mesh: `trained_run`)."""
@@ -117,6 +120,3 @@ def test_pretrain_stage_matches_mesh_under_other_strategies(tmp_path, trained_ru
     np.testing.assert_allclose(final_record(tmp_path / "run")["val_loss"], final_record(trained_run)["val_loss"],
                                rtol=2e-5)
 
-
-def final_record(run_dir) -> dict:
-    return rundir.read_metrics(run_dir)[-1]

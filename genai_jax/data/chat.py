@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from genai_jax.config import DataConfig, UserError
-from genai_jax.data import world
+from genai_jax.data import conversations, world
 from genai_jax.distributed import say
 from genai_jax.tokenizer import Tokenizer, encode_chat
 
@@ -89,8 +89,6 @@ def build_rows(encoded, seq_len: int, pad_id: int, pack: bool = False, overlong:
 def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dict]]]:
     """(train, validation) conversations of the configured source. The synthetic world validates
     on its held-out problems; other sources on their last `val_fraction` of conversations."""
-    from genai_jax.data import conversations
-
     source = cfg.resolved_source
     if source == "world":
         train = world.demonstrations(world.problems(cfg.seed + 2, cfg.world_chats), cfg.demo_error, cfg.seed + 8)

@@ -1,0 +1,112 @@
+"""Run directories as the stages open, resume and load them.
+
+Below every stage module (stages, rlhf, pipeline, the CLI), so each of them opens a run and
+loads an earlier one the same way without importing another stage: `open_run` starts or checks
+a run directory, `restore_target` says what a checkpoint restores into, `load_trained` reads a
+run's latest parameters (of any stage, an RLHF run's policy included), `final_record` its last
+metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from functools import partial
+
+import jax
+from etils import epath
+
+from genai_jax import rundir
+from genai_jax.checkpoint import Checkpointer
+from genai_jax.config import RunConfig, UserError
+from genai_jax.model import init_params
+from genai_jax.optim import make_optimizer, make_ppo_optimizer
+from genai_jax.parallel import Mesh, Single, sync_processes
+from genai_jax.tokenizer import Tokenizer, load_tokenizer
+from genai_jax.train import make_init_fn
+
+
+def with_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
+    """Fill model.vocab_size from the tokenizer (rounded up to model.vocab_multiple)."""
+    vocab = cfg.model.vocab_size
+    if vocab == 0:
+        multiple = cfg.model.vocab_multiple
+        vocab = -(-tokenizer.vocab_size // multiple) * multiple
+    elif vocab < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def restore_target(abstract_state, strategy):
+    """Shapes, dtypes and shardings to restore a checkpoint into (sharded under `mesh`)."""
+    if isinstance(strategy, Mesh):
+        shardings = strategy.state_sharding(abstract_state)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_state)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunConfig, Tokenizer]:
+    """(config with vocab filled in, tokenizer) of a new run directory, where
+    `new_tokenizer(run_dir)` saves the tokenizer, or of an existing one checked for compatibility.
+    A refused run directory is left exactly as it was. With several processes, all of them look
+    before process 0 writes, and the others read what it wrote."""
+    resuming = (run_dir / rundir.CONFIG_FILE).exists()
+    foreign = not resuming and run_dir.exists() and any(run_dir.iterdir())
+    sync_processes("open_run: looked")
+    if resuming:
+        tokenizer = load_tokenizer(run_dir)
+        cfg = with_vocab(cfg, tokenizer)
+        rundir.check_resumable(run_dir, cfg)
+        return cfg, tokenizer
+    if foreign:
+        raise UserError(f"{run_dir} is not empty and holds no {rundir.CONFIG_FILE}; choose another --run-dir")
+    if jax.process_index() == 0:
+        rundir.write_config(run_dir, with_vocab(cfg, new_tokenizer(run_dir)))
+    sync_processes("open_run: written")
+    tokenizer = load_tokenizer(run_dir)
+    return with_vocab(cfg, tokenizer), tokenizer
+
+
+def final_record(run_dir: epath.Path) -> dict:
+    """The records of a run's last step merged, e.g. its train and eval records (process 0; others
+    have none)."""
+    if jax.process_index() != 0:
+        return {}
+    records = rundir.read_metrics(run_dir)
+    return {name: value for record in records if record["step"] == records[-1]["step"] for name, value in record.items()}
+
+
+def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
+    """TrainState init for an RLHF run's {"policy", "value"}; with no params given, random ones of
+    the right shape (enough for `jax.eval_shape`, to restore checkpoints into)."""
+
+    def init(key):
+        policy_key, value_key = jax.random.split(key)
+        return {
+            "policy": init_params(cfg.model, policy_key, "lm") if policy_params is None else policy_params,
+            "value": init_params(cfg.model, value_key, "scalar") if value_params is None else value_params,
+        }
+
+    return make_init_fn(init, make_ppo_optimizer(cfg), cfg.train.seed)
+
+
+def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config, tokenizer, params) of a run's latest checkpoint, on the default device."""
+    run_dir = epath.Path(run_dir)
+    cfg = rundir.read_config(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    if checkpointer.latest_step() is None:
+        raise UserError(f"{run_dir}: no checkpoint yet")
+    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} under the PPO optimizer
+        init_fn = make_ppo_init_fn(cfg)
+    else:
+        init_fn = make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps),
+                               cfg.train.seed)
+    state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
+    checkpointer.close()
+    return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params

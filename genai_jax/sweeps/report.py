@@ -1,0 +1,360 @@
+"""A sweep's report, from its runs.jsonl and run directories alone (so it works while the sweep
+runs, or after jobs on many hosts wrote into one shared directory):
+
+    DIR/results.csv   one row per run: cell, overrides, seed, status, error, wall seconds, and every
+                      final metric (a stage: the merged records of the last step of metrics.jsonl;
+                      the pipeline: summary.json's STAGE.METRIC and each stage's last step as STAGE.METRIC)
+    DIR/summary.md    one row per cell: each chosen metric's mean, standard deviation, n and 95%
+                      Student's t interval over the finished seeds; failed runs counted apart
+    DIR/plots/*.png   each chosen metric against each grid axis (by cell for named cells), and
+                      learning curves of the metrics logged per step, with intervals over seeds
+
+Reading and aggregating (pure functions of records) are kept apart from plotting (matplotlib,
+imported only when plotting).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import os
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from genai_jax.sweeps import runner
+
+METRICS_FILE = "metrics.jsonl"  # genai_jax.rundir.METRICS_FILE (not imported: the report needs no JAX)
+CONFIDENCE = 0.95
+INTERVAL = ("95% interval: mean ± t(0.975, n - 1) · sd / √n, Student's t over the finished seeds (its quantile "
+            "computed with the standard library: bisection on the t CDF, the density integrated by Simpson's rule); "
+            "sd is the sample standard deviation (n - 1); one seed gives no sd and no interval")
+PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install -e '.[experiments]' or '.[test]')"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_records(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def last_step(records: list[dict]) -> dict:
+    """The records of the last logged step merged (e.g. its train and eval records), as
+    `genai_jax.runs.final_record` gives them, without its JAX process check."""
+    if not records:
+        return {}
+    last = records[-1]["step"]
+    return {name: value for record in records if record["step"] == last for name, value in record.items()}
+
+
+def final_metrics(run_dir: str, command: str) -> dict[str, Any]:
+    """A finished run's final metrics (see the module docstring), `step` left out."""
+    if command != "pipeline":
+        return {k: v for k, v in last_step(read_records(run_dir)).items() if k != "step"}
+    metrics = {}
+    for stage in runner.PIPELINE_STAGES:
+        metrics |= {f"{stage}.{k}": v for k, v in last_step(read_records(os.path.join(run_dir, stage))).items()
+                    if k != "step"}
+    summary_path = os.path.join(run_dir, runner.SUMMARY_FILE)
+    if os.path.exists(summary_path):
+        with open(summary_path) as file:
+            summary = json.load(file)
+        metrics |= {f"{stage}.{k}": v for stage, row in summary.items() for k, v in row.items() if v is not None}
+    return metrics
+
+
+def metric_curve(run_dir: str, command: str, metric: str) -> dict[int, float]:
+    """{step: value} of a metric in a run's metrics.jsonl (a pipeline's STAGE.METRIC: in STAGE/)."""
+    if command == "pipeline":
+        stage, _, metric = metric.partition(".")
+        if stage not in runner.PIPELINE_STAGES:
+            return {}
+        run_dir = os.path.join(run_dir, stage)
+    return {record["step"]: record[metric] for record in read_records(run_dir) if _number(record.get(metric))}
+
+
+@functools.cache
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with `df` degrees of freedom."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(x: float) -> float:
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+
+    def cdf(x: float, n: int = 4000) -> float:  # Simpson's rule on [0, x]
+        h = x / n
+        total = density(0.0) + density(x) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
+        return 0.5 + total * h / 3
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        low, high = high, 2 * high
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    sd: float
+    """Sample standard deviation (n - 1); nan for one value."""
+    n: int
+    half: float
+    """Half-width of the 95% t interval; nan for one value."""
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
+
+def summarize(values: list[float]) -> Stat | None:
+    """Mean, sd, n and 95% t interval of `values` (None when there are none)."""
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return Stat(mean, math.nan, 1, math.nan)
+    sd = statistics.stdev(values)
+    return Stat(mean, sd, len(values), t_quantile(0.5 + CONFIDENCE / 2, len(values) - 1) * sd / math.sqrt(len(values)))
+
+
+def result_rows(sweep_dir: str, records: list[dict]) -> list[dict]:
+    """One row per recorded run: its status (see runner.effective_status) and final metrics (done runs)."""
+    rows = []
+    for record in sorted(records, key=lambda r: r["index"]):
+        status = runner.read_status(sweep_dir, record["name"])
+        state = runner.effective_status(sweep_dir, record)
+        run_dir = os.path.join(sweep_dir, record["name"])
+        rows.append({"index": record["index"], "name": record["name"], "cell": record["cell"], "seed": record["seed"],
+                     "status": state, "error": status.get("error", "") if state == "failed" else "",
+                     "wall_s": status.get("wall_s"), "overrides": record["overrides"],
+                     "metrics": final_metrics(run_dir, record["subcommand"]) if state == "done" else {}})
+    return rows
+
+
+def cell_table(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """One entry per cell (in run order): its overrides, run counts and each metric's Stat over its
+    done runs (failed ones are counted, never averaged)."""
+    cells: dict[str, list[dict]] = {}
+    for row in rows:
+        cells.setdefault(row["cell"], []).append(row)
+    table = []
+    for cell, members in cells.items():
+        done = [row for row in members if row["status"] == "done"]
+        table.append({
+            "cell": cell, "overrides": members[0]["overrides"], "runs": len(members), "done": len(done),
+            "failed": sum(row["status"] == "failed" for row in members),
+            "stats": {m: summarize([row["metrics"][m] for row in done if _number(row["metrics"].get(m))])
+                      for m in metrics},
+        })
+    return table
+
+
+def curve_stats(curves: list[dict[int, float]]) -> list[tuple[int, Stat]]:
+    """Per step, the Stat over the runs that logged it."""
+    steps = sorted({step for curve in curves for step in curve})
+    return [(step, summarize([curve[step] for curve in curves if step in curve])) for step in steps]
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return value
+
+
+def write_csv(rows: list[dict], path: str, metrics: list[str]) -> None:
+    override_keys = list(dict.fromkeys(k for row in rows for k in row["overrides"]))
+    found = sorted({k for row in rows for k in row["metrics"]} - set(metrics))
+    columns = ["index", "name", "cell", "seed", "status", "error", "wall_s", *override_keys, *metrics, *found]
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns)
+        for row in rows:
+            values = {**{k: row[k] for k in columns[:7]}, **row["overrides"], **row["metrics"]}
+            writer.writerow([_csv_value(values.get(column)) for column in columns])
+
+
+def _g(value: float) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.4g}"
+
+
+def markdown(table: list[dict], metrics: list[str], title: str, notes: list[str]) -> str:
+    header = ["cell", "runs", "done", "failed"]
+    for metric in metrics:
+        header += [f"`{metric}` mean", "sd", "n", "95% interval"]
+    lines = [f"# {title}", "", *(f"{note}" for note in notes), "", INTERVAL + ".", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in table:
+        cells = [entry["cell"], str(entry["runs"]), str(entry["done"]), str(entry["failed"])]
+        for metric in metrics:
+            stat = entry["stats"][metric]
+            if stat is None:
+                cells += ["", "", "0", ""]
+            else:
+                interval = "" if math.isnan(stat.half) else f"[{_g(stat.low)}, {_g(stat.high)}]"
+                cells += [_g(stat.mean), _g(stat.sd), str(stat.n), interval]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _file_name(*parts: str) -> str:
+    return "-".join(re.sub(r"[^A-Za-z0-9._+=-]", "_", part) for part in parts) + ".png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_axis(table: list[dict], axis: str, values: list, metric: str, path: str) -> None:
+    """`metric` against grid axis `axis` (its values in grid order), one line per setting of the
+    other overrides, with 95% interval bars."""
+    plt = _pyplot()
+    numeric = all(_number(v) for v in values)
+    positions = {json.dumps(v): (v if numeric else i) for i, v in enumerate(values)}
+    lines: dict[str, list[tuple[float, Stat]]] = {}
+    for entry in table:
+        stat, value = entry["stats"].get(metric), entry["overrides"].get(axis)
+        if stat is None or json.dumps(value) not in positions:
+            continue
+        others = ", ".join(f"{k}={v}" for k, v in entry["overrides"].items() if k != axis) or metric
+        lines.setdefault(others, []).append((positions[json.dumps(value)], stat))
+    figure, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, points in lines.items():
+        points.sort(key=lambda p: p[0])
+        ax.errorbar([x for x, _ in points], [s.mean for _, s in points],
+                    yerr=[0.0 if math.isnan(s.half) else s.half for _, s in points], marker="o", capsize=3, label=label)
+    if numeric and all(v > 0 for v in values) and max(values) >= 10 * min(values):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax.set_xlabel(axis)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against {axis} (mean, 95% t interval over seeds)", fontsize=9)
+    if len(lines) > 1:
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_cells(table: list[dict], metric: str, path: str) -> None:
+    """`metric` of each named cell, with 95% interval bars."""
+    plt = _pyplot()
+    entries = [entry for entry in table if entry["stats"].get(metric) is not None]
+    figure, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(entries) + 2), 4.4))
+    stats = [entry["stats"][metric] for entry in entries]
+    ax.errorbar(range(len(entries)), [s.mean for s in stats],
+                yerr=[0.0 if math.isnan(s.half) else s.half for s in stats], fmt="o", capsize=4)
+    ax.set_xticks(range(len(entries)), [entry["cell"] for entry in entries], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} by cell (mean, 95% t interval over seeds)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, Stat]]], metric: str, path: str) -> None:
+    """`metric` against step: one line per cell (the mean over its seeds), a band for the 95% interval."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6.4, 4.4))
+    for cell, points in curves.items():
+        steps = [step for step, _ in points]
+        means = [stat.mean for _, stat in points]
+        (line,) = ax.plot(steps, means, label=cell)
+        banded = [(step, stat) for step, stat in points if not math.isnan(stat.half)]
+        if banded:
+            ax.fill_between([s for s, _ in banded], [st.low for _, st in banded], [st.high for _, st in banded],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} (mean over seeds, 95% t interval band)", fontsize=9)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plots_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_report(sweep_dir: str, records: list[dict], metrics: list[str], axes: dict[str, list], title: str,
+                 say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write results.csv, summary.md and the plots; print summary.md and where the files are.
+    Returns {"rows", "table", "plots"}."""
+    rows = result_rows(sweep_dir, records)
+    table = cell_table(rows, metrics)
+    write_csv(rows, os.path.join(sweep_dir, "results.csv"), metrics)
+    counts = {state: sum(row["status"] == state for row in rows) for state in ("done", "failed")}
+    unfinished = len(rows) - counts["done"] - counts["failed"]
+    notes = [(f"{len(table)} cell(s), {len(rows)} run(s): {counts['done']} done, {counts['failed']} failed, "
+              f"{unfinished} not finished. Every final metric of every run: results.csv.")]
+    found = {k for row in rows for k in row["metrics"]}
+    for metric in metrics:
+        if counts["done"] and metric not in found:
+            known = ", ".join(sorted(found)[:12]) + (", ..." if len(found) > 12 else "")
+            notes.append(f"Metric `{metric}` is in no finished run (they have: {known}).")
+    failures = [row for row in rows if row["status"] == "failed"]
+    notes += [f"FAILED: run {row['index']} {row['name']}: {row['error']}" for row in failures]
+    text = markdown(table, metrics, f"Sweep {title}", notes)
+    with open(os.path.join(sweep_dir, "summary.md"), "w") as file:
+        file.write(text)
+    plots = []
+    if not plots_available():
+        say(PLOTS_MISSING)
+    else:
+        plot_dir = os.path.join(sweep_dir, "plots")
+        os.makedirs(plot_dir, exist_ok=True)
+        for metric in metrics:
+            if not any(entry["stats"][metric] for entry in table):
+                continue
+            if axes:
+                for axis, values in axes.items():
+                    plots.append(os.path.join(plot_dir, _file_name(metric, "vs", axis)))
+                    plot_axis(table, axis, values, metric, plots[-1])
+            else:
+                plots.append(os.path.join(plot_dir, _file_name(metric, "by-cell")))
+                plot_cells(table, metric, plots[-1])
+        done = [row for row in rows if row["status"] == "done"]
+        commands = {record["index"]: record["subcommand"] for record in records}
+        for metric in metrics:
+            curves = {}
+            for cell in dict.fromkeys(row["cell"] for row in done):
+                per_run = [metric_curve(os.path.join(sweep_dir, row["name"]), commands[row["index"]], metric)
+                           for row in done if row["cell"] == cell]
+                if any(len(curve) > 1 for curve in per_run):
+                    curves[cell] = curve_stats(per_run)
+            if curves:
+                plots.append(os.path.join(plot_dir, _file_name(metric, "curve")))
+                plot_curves(curves, metric, plots[-1])
+    say(text.rstrip())
+    say(f"sweep report: {os.path.join(sweep_dir, 'results.csv')}, {os.path.join(sweep_dir, 'summary.md')}"
+        + (f", {len(plots)} plot(s) in {os.path.join(sweep_dir, 'plots')}" if plots else ""))
+    return {"rows": rows, "table": table, "plots": plots}
