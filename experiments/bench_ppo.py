@@ -31,23 +31,29 @@ class Args:
     iterations: int = 12
     batch_size: int = 0
     """Prompts per iteration (0: the preset's)."""
+    pack_rows: int = 0
+    """ppo.pack_rows: rows of a packed minibatch (0: the default estimate, -1: no packing)."""
 
 
 def main(args: Args) -> None:
     pipeline = Path(args.pipeline)
     base = config_lib.preset(args.preset, "ppo")
     cfg = config_lib.replace(
-        base, ppo={"policy": str(pipeline / "sft"), "reward": str(pipeline / "reward")},
+        base, ppo={"policy": str(pipeline / "sft"), "reward": str(pipeline / "reward"), "pack_rows": args.pack_rows},
         train={"max_steps": args.iterations, "eval_every": 10**9, "ckpt_every": 10**9, "progress": False,
                "batch_size": args.batch_size or base.train.batch_size},
     )
     with tempfile.TemporaryDirectory() as run_dir:
         rlhf.ppo(cfg, Path(run_dir) / "ppo")
-        records = [r for r in rundir.read_metrics(Path(run_dir) / "ppo") if "generate_s" in r][1:]
+        records = rundir.read_metrics(Path(run_dir) / "ppo")
+    packed_rows = records[0].get("packed_rows", 0)
+    records = [r for r in records if "generate_s" in r][1:]
     seconds = {phase: np.mean([r[phase] for r in records]) for phase in PHASES}
     total = sum(seconds.values())
     print(f"{len(records)} iterations of {cfg.train.batch_size} prompts x {cfg.ppo.max_new_tokens} new tokens, "
           f"{cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} minibatches")
+    print(f"packed minibatches: {packed_rows} rows of {cfg.model.context_len} tokens, "
+          f"{100 * np.mean([r['packed_updates'] for r in records]):.0f}% of the updates" if packed_rows else "no packing")
     print(f"generation: {np.mean([r['generate_tokens_per_s'] for r in records]):,.0f} tokens/s")
     print(f"per iteration: {total * 1000:.0f} ms = " + ", ".join(
         f"{phase[:-2]} {seconds[phase] * 1000:.0f} ms ({100 * seconds[phase] / total:.0f}%)" for phase in PHASES))
