@@ -21,6 +21,7 @@ import math
 import os
 import time
 from functools import partial
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -350,12 +351,20 @@ def pack_minibatch(minibatch: dict[str, np.ndarray], rows: int, width: int) -> d
     return packed
 
 
-def ppo_updates(state, batch: dict, steps: dict, strategy, cfg: RunConfig, iteration: int, key,
+class UpdateSteps(NamedTuple):
+    """PPO's compiled train steps: on minibatches as the rollout left them, and (when packing is
+    on) on minibatches packed into `packed_shape` = (rows, width)."""
+    unpacked: Callable
+    packed: Callable | None = None
+    packed_shape: tuple[int, int] | None = None
+
+
+def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig, iteration: int, key,
                 minibatch_rows: int):
     """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
     on every process, so the minibatches do not depend on the number of processes), one train step
-    each: `steps["packed"]` on the minibatch packed (`pack_minibatch`) where it fits, else
-    `steps["unpacked"]`. Returns the state and the updates' metrics as one record
+    each: `steps.packed` on the minibatch packed (`pack_minibatch`) where it fits, else
+    `steps.unpacked`. Returns the state and the updates' metrics as one record
     (`metrics.summary`), with the share of updates that ran packed."""
     updates, packed_updates = [], 0
     for epoch in range(cfg.ppo.epochs):
@@ -363,11 +372,11 @@ def ppo_updates(state, batch: dict, steps: dict, strategy, cfg: RunConfig, itera
         for m in range(cfg.ppo.minibatches):
             chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
             minibatch = {name: value[chosen] for name, value in batch.items()}
-            step_fn = steps["unpacked"]
-            if "packed" in steps:
-                packed = pack_minibatch(minibatch, *steps["packed_shape"])
+            step_fn = steps.unpacked
+            if steps.packed is not None:
+                packed = pack_minibatch(minibatch, *steps.packed_shape)
                 if packed is not None:
-                    minibatch, step_fn, packed_updates = packed, steps["packed"], packed_updates + 1
+                    minibatch, step_fn, packed_updates = packed, steps.packed, packed_updates + 1
             state, metrics = step_fn(state, strategy.place_global(minibatch), jax.random.fold_in(key, len(updates) + 1))
             updates.append(metrics)
     record = summary([strategy.metrics_to_host(metrics) for metrics in updates])
@@ -415,12 +424,12 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         return compile_step(strategy, train_step, abstract_state,
                             example=(state, strategy.place_global(example), jax.random.PRNGKey(0)), program=program)
 
-    steps = {}
-    steps["unpacked"], memory = compile_update(minibatch_rows, train_batch["inputs"].shape[1], "train step")
+    unpacked_step, memory = compile_update(minibatch_rows, train_batch["inputs"].shape[1], "train step")
+    steps = UpdateSteps(unpacked_step)
     pack_rows = packed_rows(cfg, prompts, minibatch_rows, strategy.batch_divisor * jax.process_count() * cfg.optim.grad_accum)
     if pack_rows:
-        steps["packed_shape"] = (pack_rows, cfg.model.context_len)
-        steps["packed"], _ = compile_update(pack_rows, cfg.model.context_len, "train step on packed minibatches")
+        packed_step, _ = compile_update(pack_rows, cfg.model.context_len, "train step on packed minibatches")
+        steps = UpdateSteps(unpacked_step, packed_step, (pack_rows, cfg.model.context_len))
 
     def host_policy():
         """The policy's parameters, whole on every process (a collective: all processes evaluate)."""

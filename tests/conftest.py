@@ -33,6 +33,15 @@ CORPUS = (
 ) * 20
 
 
+def cases(fast: str, **params) -> list:
+    """`parametrize` values by id, every one but `fast` marked slow: the fast tier runs one
+    representative of a family of equivalent cases (e.g. strategies against one device), the full
+    suite all of them. A value that is a tuple fills several arguments."""
+    return [pytest.param(*(value if isinstance(value, tuple) else (value,)), id=name,
+                         marks=() if name == fast else pytest.mark.slow)
+            for name, value in params.items()]
+
+
 def tiny_model(**overrides) -> ModelConfig:
     """A 2-layer, 2-head, 32-wide model over a small fixed vocabulary."""
     base = dict(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, context_len=16)

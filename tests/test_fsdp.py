@@ -266,6 +266,7 @@ def bt_rows() -> dict:
             "margin": rng.uniform(0, 0.5, batch).astype(np.float32)}
 
 
+@pytest.mark.slow  # the fast tier has the Bradley-Terry step under FSDP in test_reward.py
 def test_bradley_terry_steps_match_single_device():
     objective = make_bradley_terry_objective(GPT(BT_CFG).apply, deterministic=True, centering=0.01)
     records = assert_same_training(MESHES["data2-fsdp4"], initial_bt_state(), objective, make_optimizer(OPTIM, 10),

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NUM_DEVICES, VOCAB, assert_trees_close, random_tokens, tiny_run
+from conftest import NUM_DEVICES, VOCAB, assert_trees_close, cases, random_tokens, tiny_run
 
 from genai_jax import config
 from genai_jax.config import UserError
@@ -466,8 +466,8 @@ def test_ppo_step_on_one_device(models, sampled, single_ppo_step):
     np.testing.assert_allclose(max_change(new_params["value"], models["value"]), PPO_RUN.ppo.value_lr, rtol=0.02)
 
 
-@pytest.mark.parametrize("make_strategy, accum_steps", [(Mesh, 1), (Pmap, 1), (Single, 2), (Mesh, 2)],
-                         ids=["mesh", "pmap", "single-accum2", "mesh-accum2"])
+@pytest.mark.parametrize("make_strategy, accum_steps", cases(
+    "mesh-accum2", mesh=(Mesh, 1), pmap=(Pmap, 1), **{"single-accum2": (Single, 2), "mesh-accum2": (Mesh, 2)}))
 def test_ppo_step_matches_single_device(make_strategy, accum_steps, models, sampled, single_ppo_step):
     """Every metric, the maximum `ratio_max` too, is the whole batch's, however it is split over
     devices and micro-batches."""

@@ -15,6 +15,7 @@ from conftest import (
     NUM_DEVICES,
     assert_one_error,
     assert_trees_close,
+    cases,
     cli_flags,
     init,
     random_tokens,
@@ -216,7 +217,7 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding():
 # The scalar head on an SFT trunk
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tied", cases("tied", untied=False, tied=True))
 def test_with_scalar_head_keeps_the_trunk(tied):
     d = 256
     lm_cfg = tiny_model(d_model=d, tie_embeddings=tied)
@@ -364,8 +365,9 @@ def test_bradley_terry_step_on_one_device(single_bt_step):
     assert moved["params"]["scalar_head"]["kernel"] > 1e-4 and moved["params"]["wte"] > 1e-6
 
 
-@pytest.mark.parametrize("make_strategy, accum_steps", [(Mesh, 1), (lambda: Mesh(fsdp=2), 1), (Pmap, 1), (Single, 2)],
-                         ids=["mesh", "mesh-fsdp2", "pmap", "single-accum2"])
+@pytest.mark.parametrize("make_strategy, accum_steps", cases(
+    "mesh-fsdp2", mesh=(Mesh, 1), pmap=(Pmap, 1),
+    **{"mesh-fsdp2": (lambda: Mesh(fsdp=2), 1), "single-accum2": (Single, 2)}))
 def test_bradley_terry_step_matches_single_device(make_strategy, accum_steps, single_bt_step):
     assert jax.device_count() == NUM_DEVICES
     strategy = make_strategy()

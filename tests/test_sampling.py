@@ -7,6 +7,7 @@ import pytest
 from conftest import init, random_tokens, tiny_model
 
 from genai_jax.config import UserError
+from genai_jax.evaluation import left_pad
 from genai_jax.model import GPT
 from genai_jax.sampling import check_length, filter_logits, generate, sample_token
 
@@ -35,23 +36,12 @@ def greedy_by_full_forward(cfg, params, prompt: np.ndarray, steps: int) -> list[
     return tokens[len(prompt) :]
 
 
-def left_pad(prompts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts of different lengths as one left-padded batch (pad id 0) and its mask."""
-    width = max(len(p) for p in prompts)
-    batch = np.zeros((len(prompts), width), np.int32)
-    mask = np.zeros((len(prompts), width), bool)
-    for row, prompt in enumerate(prompts):
-        batch[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = True
-    return batch, mask
-
-
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)],
                          ids=["temperature0", "top_k1"])
 def test_greedy_generation_matches_full_forward_loop(model, sampling):
     cfg, params = model
     prompts = [random_tokens(7, seed=1), random_tokens(3, seed=2)]
-    batch, mask = left_pad(prompts)
+    batch, mask = left_pad(prompts, max(map(len, prompts)), pad_id=0)
     generated = generate(params, batch, mask, jax.random.PRNGKey(0), cfg=cfg, max_new_tokens=NEW_TOKENS, **sampling)
     assert generated.shape == (2, NEW_TOKENS)
     for row, prompt in enumerate(prompts):
@@ -90,7 +80,7 @@ def test_stop_id_ends_decoding_once_every_row_has_stopped(model):
     """With `stop_id`, each row's tokens and log-probabilities up to its first stop token are those
     of a run without it; once every row has stopped, the remaining slots hold the stop token."""
     cfg, params = model
-    batch, mask = left_pad([random_tokens(5, seed=s) for s in range(3)])
+    batch, mask = left_pad([random_tokens(5, seed=s) for s in range(3)], 5, pad_id=0)
     sampling = dict(cfg=cfg, max_new_tokens=16, temperature=1.0, with_logprobs=True)
     for seed in range(20):  # a random model has no end token: find a key under which one token is in every row
         key = jax.random.PRNGKey(seed)

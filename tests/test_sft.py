@@ -16,6 +16,7 @@ from conftest import (
     NUM_DEVICES,
     assert_one_error,
     assert_trees_close,
+    cases,
     cli_flags,
     init,
     run_cli,
@@ -269,7 +270,7 @@ def test_train_step_reports_the_hand_computed_loss_and_moves_params(single_step,
     assert max_abs_diff(new_params, params) > 1e-4
 
 
-@pytest.mark.parametrize("case", list(STEP_CASES))
+@pytest.mark.parametrize("case", cases("mesh-accum2", **{name: name for name in STEP_CASES}))
 def test_train_step_matches_single_device_without_accumulation(case, single_step):
     assert jax.device_count() == NUM_DEVICES
     make_strategy, accum_steps = STEP_CASES[case]

@@ -6,6 +6,7 @@ import pytest
 from conftest import (
     NUM_DEVICES,
     assert_trees_close,
+    cases,
     cli_flags,
     lm_batch,
     random_tokens,
@@ -72,7 +73,7 @@ def single_run():
     return train(Single())
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", cases("mesh-fsdp2", **{name: name for name in STRATEGIES}))
 def test_strategy_matches_single_device(name, single_run):
     assert jax.device_count() == NUM_DEVICES
     losses, params, _ = train(STRATEGIES[name]())

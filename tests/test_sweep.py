@@ -73,7 +73,7 @@ def finished_sweep(tmp_path_factory):
     """3 cells x 2 seeds of 3-step pretraining: run 0, then run 1 (an interrupted sweep), then the
     whole sweep two at a time; the two runs of the cell world-docs=lots fail."""
     root = tmp_path_factory.mktemp("sweep")
-    spec = write_spec(root / "spec.toml", grid=GRID)
+    spec = write_spec(root / "spec.toml", grid=GRID, top='frontiers = [["loss", "val_loss"]]')
     sweep_dir = root / "sweep"
     results = {}
     with pytest.MonkeyPatch.context() as patch:
@@ -133,6 +133,7 @@ BAD_SPECS = {
     "no cells": ("command = 'pretrain'\nseeds = [0]\n", "'grid'"),
     "seeds": ("command = 'pretrain'\nseeds = [0, 'one']\n[grid]\n'optim.lr' = [1e-3]\n", "'seeds'"),
     "metrics": ("command = 'pretrain'\nmetrics = ['loss', 3]\n[grid]\n'optim.lr' = [1e-3]\n", "'metrics'"),
+    "frontiers": ("command = 'pretrain'\nfrontiers = [['loss']]\n[grid]\n'optim.lr' = [1e-3]\n", "'frontiers'"),
     "seed override": ("command = 'pretrain'\n[grid]\n'train.seed' = [1, 2]\n", "'train.seed'"),
 }
 
@@ -326,7 +327,7 @@ def test_report_plots_are_written(finished_sweep):
     _, sweep_dir, _ = finished_sweep
     plots = sorted(p.name for p in (sweep_dir / "plots").glob("*.png"))
     assert plots == ["loss-curve.png", "loss-vs-data.world-docs.png", "val_loss-curve.png",
-                     "val_loss-vs-data.world-docs.png"]
+                     "val_loss-vs-data.world-docs.png", "val_loss-vs-loss.png"]
     for name in plots:
         data = (sweep_dir / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -377,10 +378,11 @@ def test_aggregation_of_made_up_metrics(tmp_path):
     curve = report.curve_stats([report.metric_curve(str(tmp_path / r["name"]), "pretrain", "loss")
                                 for r in records if r["cell"] == "lr=0.1"])
     assert [(step, stat.mean, stat.n) for step, stat in curve] == [(1, 10 / 3, 3), (2, 2.0, 3)]
-    paths = [tmp_path / "axis.png", tmp_path / "curve.png", tmp_path / "cells.png"]
+    paths = [tmp_path / "axis.png", tmp_path / "curve.png", tmp_path / "cells.png", tmp_path / "frontier.png"]
     report.plot_axis(table, "optim.lr", [0.1, 0.2], "loss", str(paths[0]))
     report.plot_curves({"lr=0.1": curve}, "loss", str(paths[1]))
     report.plot_cells(table, "loss", str(paths[2]))
+    report.plot_frontier(table, rows, "loss", "val_loss", str(paths[3]))
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
@@ -455,3 +457,31 @@ def test_the_experiment_specs_list_and_the_sweep_claims_no_device(tmp_path):
     assert done.stdout.count(" run(s) in ") == len(specs) and "pending" in done.stdout
     assert "backends initialised: False" in done.stdout
     assert not any(tmp_path.iterdir())  # --list writes nothing
+
+
+def test_a_run_another_launcher_took_meanwhile_is_left_alone(tmp_path, monkeypatch):
+    """Two launchers on one sweep directory (two hosts, or --only beside a full sweep): a queued
+    run is checked again when its turn comes, and one that has started elsewhere is not launched."""
+    spec = load_spec(str(write_spec(tmp_path / "s.toml", grid={"optim.lr": [0.1]}, seeds=[0, 1])))
+    runs = plan(spec, [], lambda record: False)
+    records = {run.index: run.record(str(tmp_path)) for run in runs}
+    checks = {run.index: 0 for run in runs}
+
+    def status_now(sweep_dir, record):  # run 1 starts elsewhere after the sweep's first look
+        checks[record["index"]] += 1
+        return "running" if record["index"] == 1 and checks[1] > 1 else "pending"
+
+    launched = []
+
+    def launch(run, sweep_dir, share, slot):
+        launched.append(run.index)
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+        return runner.Job(run, process, slot, 0.0, 0, {})
+
+    monkeypatch.setattr(runner, "effective_status", status_now)
+    monkeypatch.setattr(runner, "_launch", launch)
+    monkeypatch.setattr(runner, "_finish", lambda job, sweep_dir, stopping: "done")
+    said = []
+    failed = runner.execute(runs, records, str(tmp_path), [runner.Share({}, ())], said.append)
+    assert failed == 0 and launched == [0]
+    assert any("[1]" in line and "running elsewhere: left alone" in line for line in said)

@@ -276,6 +276,30 @@ def plot_cells(table: list[dict], metric: str, path: str) -> None:
     plt.close(figure)
 
 
+def plot_frontier(table: list[dict], rows: list[dict], x: str, y: str, path: str) -> None:
+    """Metric `y` against metric `x`: each cell's mean with its 95% interval in both directions,
+    and each of its runs as a faint dot (a frontier, e.g. held-out gold against KL)."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6.4, 4.4))
+    for entry in table:
+        sx, sy = entry["stats"].get(x), entry["stats"].get(y)
+        if sx is None or sy is None:
+            continue
+        runs = [row["metrics"] for row in rows if row["cell"] == entry["cell"] and row["status"] == "done"
+                and _number(row["metrics"].get(x)) and _number(row["metrics"].get(y))]
+        (points,) = ax.plot([m[x] for m in runs], [m[y] for m in runs], ".", alpha=0.35)
+        ax.errorbar([sx.mean], [sy.mean], xerr=[0.0 if math.isnan(sx.half) else sx.half],
+                    yerr=[0.0 if math.isnan(sy.half) else sy.half], fmt="o", capsize=3,
+                    color=points.get_color(), label=entry["cell"])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{y} against {x} (cell mean, 95% t intervals; dots: runs)", fontsize=9)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plot_curves(curves: dict[str, list[tuple[int, Stat]]], metric: str, path: str) -> None:
     """`metric` against step: one line per cell (the mean over its seeds), a band for the 95% interval."""
     plt = _pyplot()
@@ -306,11 +330,11 @@ def plots_available() -> bool:
 
 
 def write_report(sweep_dir: str, records: list[dict], metrics: list[str], axes: dict[str, list], title: str,
-                 say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write results.csv, summary.md and the plots; print summary.md and where the files are.
-    Returns {"rows", "table", "plots"}."""
+                 say: Callable[[str], None] = print, frontiers: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    """Write results.csv, summary.md and the plots (`frontiers`: (x, y) metric pairs plotted
+    against each other); print summary.md and where the files are. Returns {"rows", "table", "plots"}."""
     rows = result_rows(sweep_dir, records)
-    table = cell_table(rows, metrics)
+    table = cell_table(rows, list(dict.fromkeys([*metrics, *(m for pair in frontiers for m in pair)])))
     write_csv(rows, os.path.join(sweep_dir, "results.csv"), metrics)
     counts = {state: sum(row["status"] == state for row in rows) for state in ("done", "failed")}
     unfinished = len(rows) - counts["done"] - counts["failed"]
@@ -342,6 +366,10 @@ def write_report(sweep_dir: str, records: list[dict], metrics: list[str], axes: 
             else:
                 plots.append(os.path.join(plot_dir, _file_name(metric, "by-cell")))
                 plot_cells(table, metric, plots[-1])
+        for x, y in frontiers:
+            if any(entry["stats"][x] and entry["stats"][y] for entry in table):
+                plots.append(os.path.join(plot_dir, _file_name(y, "vs", x)))
+                plot_frontier(table, rows, x, y, plots[-1])
         done = [row for row in rows if row["status"] == "done"]
         commands = {record["index"]: record["subcommand"] for record in records}
         for metric in metrics:

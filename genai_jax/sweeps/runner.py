@@ -300,7 +300,8 @@ def _finish(job: Job, sweep_dir: str, stopping: bool) -> str:
 
 
 def execute(runs: list[Run], records: dict[int, dict], sweep_dir: str, shares: list[Share], say=print) -> int:
-    """Run every run of `runs` that is not done (nor running elsewhere), len(shares) at a time.
+    """Run every run of `runs` that is not done (nor running elsewhere, checked again as each run
+    is launched), len(shares) at a time.
     Returns the number of failed runs, or 128 + the signal number when SIGINT or SIGTERM stopped
     the sweep (the running commands get SIGTERM: they checkpoint and exit; rerun to resume)."""
     states = {run.index: effective_status(sweep_dir, records[run.index]) for run in runs}
@@ -332,6 +333,11 @@ def execute(runs: list[Run], records: dict[int, dict], sweep_dir: str, shares: l
         while queue or active:
             while queue and free and not stop:
                 run = queue.pop(0)
+                now = effective_status(sweep_dir, records[run.index])
+                if now in ("done", "running"):  # another launcher (host, array task) took it meanwhile
+                    progress.done += now == "done"
+                    say(f"sweep: [{run.index}] {run.name} is {now} elsewhere: left alone")
+                    continue
                 job = _launch(run, sweep_dir, shares[free[0]], free.pop(0))
                 active[job.slot] = job
                 say(progress.line("started", run))

@@ -23,7 +23,7 @@ from genai_jax import overrides
 from genai_jax.config import PRESETS, UserError
 
 COMMANDS = ("pretrain", "sft", "reward", "ppo", "pipeline")
-TOP_KEYS = ("command", "preset", "seeds", "metrics", "fixed", "grid", "cells", "description")
+TOP_KEYS = ("command", "preset", "seeds", "metrics", "frontiers", "fixed", "grid", "cells", "description")
 # A stage command's flags that are not config fields: the run directories it starts from.
 STAGE_FLAGS = {"init-from": COMMANDS[:4], "policy": ("ppo",), "reward": ("ppo",)}
 RESERVED = {
@@ -116,6 +116,8 @@ class Spec:
     cells: tuple[Cell, ...]
     keys: dict[str, Key]
     """Every flag the spec sets."""
+    frontiers: tuple[tuple[str, str], ...] = ()
+    """(x, y) metric pairs the report plots against each other, one point per cell."""
 
 
 def _scalar(value: Any) -> bool:
@@ -186,6 +188,12 @@ def load_spec(path: str) -> Spec:
     if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
         raise UserError(f"{path}: key 'metrics' must be a list of metric names (strings), "
                         "e.g. metrics = [\"ppo.gold_sampled\"]")
+    frontiers = data.get("frontiers", [])
+    if not isinstance(frontiers, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) and m for m in pair)
+            for pair in frontiers):
+        raise UserError(f"{path}: key 'frontiers' must be a list of [x, y] metric-name pairs, "
+                        "e.g. frontiers = [[\"ppo.kl\", \"ppo.gold_sampled\"]]")
     keys: dict[str, Key] = {}
     fixed = _overrides(command, _table(data, "fixed", path), f"{path}: [fixed]", keys)
     if "grid" in data and "cells" in data:
@@ -203,7 +211,7 @@ def load_spec(path: str) -> Spec:
         raise UserError(f"{path}: no key 'grid' or 'cells': add a [grid], or [[cells]] (for seeds alone: "
                         "[[cells]] with name = \"baseline\")")
     return Spec(path=path, command=command, preset=preset, seeds=tuple(seeds), metrics=tuple(metrics), fixed=fixed,
-                axes=axes, cells=cells, keys=keys)
+                axes=axes, cells=cells, keys=keys, frontiers=tuple(tuple(pair) for pair in frontiers))
 
 
 def _grid_cells(axes: dict[str, list]) -> tuple[Cell, ...]:
