@@ -485,3 +485,15 @@ def test_a_run_another_launcher_took_meanwhile_is_left_alone(tmp_path, monkeypat
     failed = runner.execute(runs, records, str(tmp_path), [runner.Share({}, ())], said.append)
     assert failed == 0 and launched == [0]
     assert any("[1]" in line and "running elsewhere: left alone" in line for line in said)
+
+
+def test_a_difference_metric_is_per_run_so_its_interval_is_paired():
+    runs = [{"ppo.gold": 78.0, "sft.gold": 68.0}, {"ppo.gold": 70.0, "sft.gold": 61.0}, {"ppo.gold": 75.0}]
+    name = "ppo.gold - sft.gold"
+    rows = [{"cell": "c", "status": "done", "overrides": {}, "metrics": report.with_differences(m, [name, "x"])}
+            for m in runs]
+    assert [row["metrics"].get(name) for row in rows] == [10.0, 9.0, None]  # the third lacks a side
+    stat = report.cell_table(rows, [name])[0]["stats"][name]
+    assert (stat.mean, stat.n) == (9.5, 2) and stat.sd == pytest.approx(math.sqrt(0.5))
+    # the two sides' own spreads (4.0 and 3.5) are far wider than the difference's
+    assert report.cell_table(rows, ["ppo.gold"])[0]["stats"]["ppo.gold"].sd > 3 * stat.sd

@@ -5,7 +5,8 @@ runs, or after jobs on many hosts wrote into one shared directory):
                       final metric (a stage: the merged records of the last step of metrics.jsonl;
                       the pipeline: summary.json's STAGE.METRIC and each stage's last step as STAGE.METRIC)
     DIR/summary.md    one row per cell: each chosen metric's mean, standard deviation, n and 95%
-                      Student's t interval over the finished seeds; failed runs counted apart
+                      Student's t interval over the finished seeds; failed runs counted apart; a
+                      metric `A - B` is the per-run difference (a paired comparison)
     DIR/plots/*.png   each chosen metric against each grid axis (by cell for named cells), and
                       learning curves of the metrics logged per step, with intervals over seeds
 
@@ -71,6 +72,21 @@ def final_metrics(run_dir: str, command: str) -> dict[str, Any]:
             summary = json.load(file)
         metrics |= {f"{stage}.{k}": v for stage, row in summary.items() for k, v in row.items() if v is not None}
     return metrics
+
+
+DIFFERENCE = re.compile(r"^(\S+) - (\S+)$")
+
+
+def with_differences(metrics: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """`metrics` plus each of `names` of the form `A - B` (spaces around the minus) that the run
+    has both sides of: a per-run difference such as `ppo.gold_sampled - sft.gold_sampled`, whose
+    interval over seeds is the paired one."""
+    derived = {}
+    for name in names:
+        match = DIFFERENCE.match(name)
+        if match and all(_number(metrics.get(side)) for side in match.groups()):
+            derived[name] = metrics[match[1]] - metrics[match[2]]
+    return metrics | derived
 
 
 def metric_curve(run_dir: str, command: str, metric: str) -> dict[int, float]:
@@ -228,6 +244,19 @@ def _pyplot():
     return plt
 
 
+def _save(plt, figure, ax, xlabel: str | None, ylabel: str, title: str, path: str, legend: bool) -> None:
+    """Label, title and write a plot to `path` (PNG), then free it."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plot_axis(table: list[dict], axis: str, values: list, metric: str, path: str) -> None:
     """`metric` against grid axis `axis` (its values in grid order), one line per setting of the
     other overrides, with 95% interval bars."""
@@ -250,14 +279,8 @@ def plot_axis(table: list[dict], axis: str, values: list, metric: str, path: str
         ax.set_xscale("log")
     if not numeric:
         ax.set_xticks(range(len(values)), [str(v) for v in values])
-    ax.set_xlabel(axis)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against {axis} (mean, 95% t interval over seeds)", fontsize=9)
-    if len(lines) > 1:
-        ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, ax, axis, metric, f"{metric} against {axis} (mean, 95% t interval over seeds)", path,
+          legend=len(lines) > 1)
 
 
 def plot_cells(table: list[dict], metric: str, path: str) -> None:
@@ -269,11 +292,7 @@ def plot_cells(table: list[dict], metric: str, path: str) -> None:
     ax.errorbar(range(len(entries)), [s.mean for s in stats],
                 yerr=[0.0 if math.isnan(s.half) else s.half for s in stats], fmt="o", capsize=4)
     ax.set_xticks(range(len(entries)), [entry["cell"] for entry in entries], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} by cell (mean, 95% t interval over seeds)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, ax, None, metric, f"{metric} by cell (mean, 95% t interval over seeds)", path, legend=False)
 
 
 def plot_frontier(table: list[dict], rows: list[dict], x: str, y: str, path: str) -> None:
@@ -291,13 +310,7 @@ def plot_frontier(table: list[dict], rows: list[dict], x: str, y: str, path: str
         ax.errorbar([sx.mean], [sy.mean], xerr=[0.0 if math.isnan(sx.half) else sx.half],
                     yerr=[0.0 if math.isnan(sy.half) else sy.half], fmt="o", capsize=3,
                     color=points.get_color(), label=entry["cell"])
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(f"{y} against {x} (cell mean, 95% t intervals; dots: runs)", fontsize=9)
-    ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, ax, x, y, f"{y} against {x} (cell mean, 95% t intervals; dots: runs)", path, legend=True)
 
 
 def plot_curves(curves: dict[str, list[tuple[int, Stat]]], metric: str, path: str) -> None:
@@ -312,13 +325,7 @@ def plot_curves(curves: dict[str, list[tuple[int, Stat]]], metric: str, path: st
         if banded:
             ax.fill_between([s for s, _ in banded], [st.low for _, st in banded], [st.high for _, st in banded],
                             color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} (mean over seeds, 95% t interval band)", fontsize=9)
-    ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, ax, "step", metric, f"{metric} (mean over seeds, 95% t interval band)", path, legend=True)
 
 
 def plots_available() -> bool:
@@ -333,8 +340,9 @@ def write_report(sweep_dir: str, records: list[dict], metrics: list[str], axes: 
                  say: Callable[[str], None] = print, frontiers: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
     """Write results.csv, summary.md and the plots (`frontiers`: (x, y) metric pairs plotted
     against each other); print summary.md and where the files are. Returns {"rows", "table", "plots"}."""
-    rows = result_rows(sweep_dir, records)
-    table = cell_table(rows, list(dict.fromkeys([*metrics, *(m for pair in frontiers for m in pair)])))
+    chosen = list(dict.fromkeys([*metrics, *(m for pair in frontiers for m in pair)]))
+    rows = [row | {"metrics": with_differences(row["metrics"], chosen)} for row in result_rows(sweep_dir, records)]
+    table = cell_table(rows, chosen)
     write_csv(rows, os.path.join(sweep_dir, "results.csv"), metrics)
     counts = {state: sum(row["status"] == state for row in rows) for state in ("done", "failed")}
     unfinished = len(rows) - counts["done"] - counts["failed"]
