@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import NUM_DEVICES, assert_trees_close, lm_batch, random_tokens, tiny_model, tiny_run
+from conftest import NUM_DEVICES, assert_trees_close, cases, lm_batch, random_tokens, tiny_model, tiny_run
 
 from genai_jax import config, rlhf
 from genai_jax.config import OptimConfig
@@ -150,7 +150,7 @@ def initial_bt_state() -> TrainState:
     return jax.device_get(TrainState.create(with_scalar_head(lm_params(1), 1), make_optimizer(OPTIM, 10), KEY))
 
 
-@pytest.mark.parametrize("mesh_shape", list(MESHES.values()), ids=list(MESHES))
+@pytest.mark.parametrize("mesh_shape", cases("data2-fsdp4", **{name: (shape,) for name, shape in MESHES.items()}))
 def test_fsdp_splits_params_and_adam_moments(mesh_shape):
     assert jax.device_count() == NUM_DEVICES
     strategy = Mesh(*mesh_shape)
@@ -234,6 +234,7 @@ def lm_batches(masked: bool) -> list[dict]:
     return batches
 
 
+@pytest.mark.slow  # the fast tier's case of this family: test_strategies.py[mesh-fsdp2]
 def test_lm_steps_match_single_device():
     records = assert_same_training(MESHES["data2-fsdp4"], initial_state(), make_lm_objective(GPT(CFG).apply),
                                    make_optimizer(OPTIM, 10), lm_batches(masked=False))
@@ -241,6 +242,7 @@ def test_lm_steps_match_single_device():
     assert records[1]["loss"] != records[0]["loss"]
 
 
+@pytest.mark.slow  # the fast tier's case of this family: test_sft.py[mesh-accum2] (a data mesh)
 def test_masked_lm_steps_match_single_device():
     objective = make_masked_lm_objective(GPT(CFG).apply, deterministic=True)
     records = assert_same_training(MESHES["data2-fsdp4"], initial_state(), objective,
@@ -352,6 +354,7 @@ def assert_rows_sharded(x: jax.Array, strategy: Mesh, what: str):
 # 3. PPO rollouts on fsdp-sharded params and batch-sharded prompts
 
 
+@pytest.mark.slow  # the fast tier's case of this family: the loop variant below
 def test_ppo_rollout_under_mesh_matches_single_device(models, ppo_state, single_rollout):
     strategy = Mesh(2, 4)
     expected_responses, expected_batch, expected_stats, end_id, _ = single_rollout
@@ -415,6 +418,7 @@ def ppo_step_batch(batch: dict) -> dict:
                 old_values=batch["old_values"] + 0.3 * rng.standard_normal(weights.shape) * weights)
 
 
+@pytest.mark.slow  # the fast tier's case of this family: test_ppo.py[mesh-accum2] (a data mesh)
 def test_ppo_steps_match_single_device(ppo_state, single_rollout):
     cfg = PPO_RUN
     batch = ppo_step_batch(single_rollout[1])

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close, init, random_tokens, tiny_model
+from conftest import assert_trees_close, cases, init, random_tokens, tiny_model
 
 from genai_jax.model import GPT, init_cache
 from genai_jax.objectives.lm import token_nll
@@ -20,7 +20,7 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(params=list(ARCHITECTURES), ids=list(ARCHITECTURES))
+@pytest.fixture(params=cases("rope-rmsnorm-swiglu-bias-untied", **{name: name for name in ARCHITECTURES}))
 def model(request):
     """(cfg, params) of a tiny model of each architecture."""
     cfg = tiny_model(**ARCHITECTURES[request.param])
@@ -109,7 +109,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits():
     np.testing.assert_allclose(np.asarray(logits16, np.float32), logits32, atol=0.01 * scale)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", cases("dots", full="full", dots="dots"))
 def test_remat_gives_same_loss_and_grads(remat):
     tokens = random_tokens((2, 17))
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init, random_tokens, tiny_model
+from conftest import cases, init, random_tokens, tiny_model
 
 from genai_jax.config import UserError
 from genai_jax.evaluation import left_pad
@@ -36,8 +36,8 @@ def greedy_by_full_forward(cfg, params, prompt: np.ndarray, steps: int) -> list[
     return tokens[len(prompt) :]
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)],
-                         ids=["temperature0", "top_k1"])
+@pytest.mark.parametrize("sampling", cases("temperature0", temperature0=dict(temperature=0.0),
+                                           top_k1=dict(temperature=1.0, top_k=1)))
 def test_greedy_generation_matches_full_forward_loop(model, sampling):
     cfg, params = model
     prompts = [random_tokens(7, seed=1), random_tokens(3, seed=2)]
