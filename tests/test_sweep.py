@@ -497,3 +497,13 @@ def test_a_difference_metric_is_per_run_so_its_interval_is_paired():
     assert (stat.mean, stat.n) == (9.5, 2) and stat.sd == pytest.approx(math.sqrt(0.5))
     # the two sides' own spreads (4.0 and 3.5) are far wider than the difference's
     assert report.cell_table(rows, ["ppo.gold"])[0]["stats"]["ppo.gold"].sd > 3 * stat.sd
+
+
+def test_many_metrics_give_a_table_per_cell_with_a_row_per_metric():
+    metrics = [f"m{i}" for i in range(report.WIDE_METRICS + 1)]
+    rows = [{"cell": "c", "status": "done", "overrides": {}, "metrics": {m: float(i + seed) for i, m in enumerate(metrics)}}
+            for seed in range(3)]
+    text = report.markdown(report.cell_table(rows, metrics), metrics, "t", [])
+    assert "## c: 3 run(s), 3 done, 0 failed" in text
+    half = report.t_quantile(0.975, 2) / math.sqrt(3)  # values i, i + 1, i + 2: mean i + 1, sd 1
+    assert f"| `m2` | 3 | 1 | 3 | [{3 - half:.4g}, {3 + half:.4g}] |" in text

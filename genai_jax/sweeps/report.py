@@ -212,12 +212,31 @@ def _g(value: float) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.4g}"
 
 
+WIDE_METRICS = 4  # more chosen metrics than this: one table per cell, a row per metric
+
+
+def _interval(stat: Stat) -> str:
+    return "" if math.isnan(stat.half) else f"[{_g(stat.low)}, {_g(stat.high)}]"
+
+
 def markdown(table: list[dict], metrics: list[str], title: str, notes: list[str]) -> str:
+    """summary.md: a row per cell and four columns per metric, or (more than WIDE_METRICS metrics)
+    a table per cell with a row per metric."""
+    lines = [f"# {title}", "", *(f"{note}" for note in notes), "", INTERVAL + ".", ""]
+    if len(metrics) > WIDE_METRICS:
+        for entry in table:
+            lines += [f"## {entry['cell']}: {entry['runs']} run(s), {entry['done']} done, {entry['failed']} failed",
+                      "", "| metric | mean | sd | n | 95% interval |", "|---|---|---|---|---|"]
+            for metric in metrics:
+                stat = entry["stats"][metric]
+                cells = ["", "", "0", ""] if stat is None else [_g(stat.mean), _g(stat.sd), str(stat.n), _interval(stat)]
+                lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
+            lines.append("")
+        return "\n".join(lines)
     header = ["cell", "runs", "done", "failed"]
     for metric in metrics:
         header += [f"`{metric}` mean", "sd", "n", "95% interval"]
-    lines = [f"# {title}", "", *(f"{note}" for note in notes), "", INTERVAL + ".", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
         cells = [entry["cell"], str(entry["runs"]), str(entry["done"]), str(entry["failed"])]
         for metric in metrics:
@@ -225,8 +244,7 @@ def markdown(table: list[dict], metrics: list[str], title: str, notes: list[str]
             if stat is None:
                 cells += ["", "", "0", ""]
             else:
-                interval = "" if math.isnan(stat.half) else f"[{_g(stat.low)}, {_g(stat.high)}]"
-                cells += [_g(stat.mean), _g(stat.sd), str(stat.n), interval]
+                cells += [_g(stat.mean), _g(stat.sd), str(stat.n), _interval(stat)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
