@@ -67,11 +67,13 @@ def main(argv: list[str], say=print) -> None:
     runs_file = os.path.join(sweep_dir, RUNS_FILE)
     recorded = recorded_runs(runs_file)
     title = f"{args.spec}: genai-jax {spec.command} --preset {spec.preset}"
+
+    def write_report(records: list[dict]) -> None:
+        report.write_report(sweep_dir, records, list(spec.metrics), spec.axes, title, say, frontiers=spec.frontiers)
     if args.report and not args.list:
         if not recorded:
             raise UserError(f"{runs_file}: no such file: nothing was launched into {sweep_dir} yet")
-        report.write_report(sweep_dir, recorded, list(spec.metrics), spec.axes, title, say,
-                            frontiers=spec.frontiers)
+        write_report(recorded)
         return
     runs = plan(spec, recorded, lambda record: runner.started(sweep_dir, record))
     records = {run.index: run.record(sweep_dir) for run in runs}
@@ -86,8 +88,7 @@ def main(argv: list[str], say=print) -> None:
     if args.list:
         _list(selected, records, sweep_dir, say)
         if args.report and recorded:
-            report.write_report(sweep_dir, recorded, list(spec.metrics), spec.axes, title, say,
-                            frontiers=spec.frontiers)
+            write_report(recorded)
         return
     shares, note = runner.machine_shares(args.jobs)
     os.makedirs(sweep_dir, exist_ok=True)
@@ -97,7 +98,6 @@ def main(argv: list[str], say=print) -> None:
     say(f"sweep: {note}")
     code = runner.execute(selected, records, sweep_dir, shares, say)
     if not args.only and code < 128:
-        report.write_report(sweep_dir, list(records.values()), list(spec.metrics), spec.axes, title, say,
-                            frontiers=spec.frontiers)
+        write_report(list(records.values()))
     if code:
         raise SystemExit(min(code, 100) if code < 128 else code)
