@@ -215,8 +215,17 @@ def _g(value: float) -> str:
 WIDE_METRICS = 4  # more chosen metrics than this: one table per cell, a row per metric
 
 
-def _interval(stat: Stat) -> str:
-    return "" if math.isnan(stat.half) else f"[{_g(stat.low)}, {_g(stat.high)}]"
+def _stat_cells(stat: Stat | None) -> list[str]:
+    """A metric's mean, sd, n and interval as table cells (n 0 and blanks for no finished run)."""
+    if stat is None:
+        return ["", "", "0", ""]
+    interval = "" if math.isnan(stat.half) else f"[{_g(stat.low)}, {_g(stat.high)}]"
+    return [_g(stat.mean), _g(stat.sd), str(stat.n), interval]
+
+
+def _bar(stat: Stat) -> float:
+    """An interval's half-width for an error bar (0 where one seed gives none)."""
+    return 0.0 if math.isnan(stat.half) else stat.half
 
 
 def markdown(table: list[dict], metrics: list[str], title: str, notes: list[str]) -> str:
@@ -228,9 +237,7 @@ def markdown(table: list[dict], metrics: list[str], title: str, notes: list[str]
             lines += [f"## {entry['cell']}: {entry['runs']} run(s), {entry['done']} done, {entry['failed']} failed",
                       "", "| metric | mean | sd | n | 95% interval |", "|---|---|---|---|---|"]
             for metric in metrics:
-                stat = entry["stats"][metric]
-                cells = ["", "", "0", ""] if stat is None else [_g(stat.mean), _g(stat.sd), str(stat.n), _interval(stat)]
-                lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
+                lines.append(f"| `{metric}` | " + " | ".join(_stat_cells(entry["stats"][metric])) + " |")
             lines.append("")
         return "\n".join(lines)
     header = ["cell", "runs", "done", "failed"]
@@ -240,11 +247,7 @@ def markdown(table: list[dict], metrics: list[str], title: str, notes: list[str]
     for entry in table:
         cells = [entry["cell"], str(entry["runs"]), str(entry["done"]), str(entry["failed"])]
         for metric in metrics:
-            stat = entry["stats"][metric]
-            if stat is None:
-                cells += ["", "", "0", ""]
-            else:
-                cells += [_g(stat.mean), _g(stat.sd), str(stat.n), _interval(stat)]
+            cells += _stat_cells(entry["stats"][metric])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -292,7 +295,7 @@ def plot_axis(table: list[dict], axis: str, values: list, metric: str, path: str
     for label, points in lines.items():
         points.sort(key=lambda p: p[0])
         ax.errorbar([x for x, _ in points], [s.mean for _, s in points],
-                    yerr=[0.0 if math.isnan(s.half) else s.half for _, s in points], marker="o", capsize=3, label=label)
+                    yerr=[_bar(s) for _, s in points], marker="o", capsize=3, label=label)
     if numeric and all(v > 0 for v in values) and max(values) >= 10 * min(values):
         ax.set_xscale("log")
     if not numeric:
@@ -308,7 +311,7 @@ def plot_cells(table: list[dict], metric: str, path: str) -> None:
     figure, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(entries) + 2), 4.4))
     stats = [entry["stats"][metric] for entry in entries]
     ax.errorbar(range(len(entries)), [s.mean for s in stats],
-                yerr=[0.0 if math.isnan(s.half) else s.half for s in stats], fmt="o", capsize=4)
+                yerr=[_bar(s) for s in stats], fmt="o", capsize=4)
     ax.set_xticks(range(len(entries)), [entry["cell"] for entry in entries], rotation=20, ha="right", fontsize=8)
     _save(plt, figure, ax, None, metric, f"{metric} by cell (mean, 95% t interval over seeds)", path, legend=False)
 
@@ -325,8 +328,8 @@ def plot_frontier(table: list[dict], rows: list[dict], x: str, y: str, path: str
         runs = [row["metrics"] for row in rows if row["cell"] == entry["cell"] and row["status"] == "done"
                 and _number(row["metrics"].get(x)) and _number(row["metrics"].get(y))]
         (points,) = ax.plot([m[x] for m in runs], [m[y] for m in runs], ".", alpha=0.35)
-        ax.errorbar([sx.mean], [sy.mean], xerr=[0.0 if math.isnan(sx.half) else sx.half],
-                    yerr=[0.0 if math.isnan(sy.half) else sy.half], fmt="o", capsize=3,
+        ax.errorbar([sx.mean], [sy.mean], xerr=[_bar(sx)],
+                    yerr=[_bar(sy)], fmt="o", capsize=3,
                     color=points.get_color(), label=entry["cell"])
     _save(plt, figure, ax, x, y, f"{y} against {x} (cell mean, 95% t intervals; dots: runs)", path, legend=True)
 
