@@ -3,6 +3,7 @@
     genai-jax pretrain --preset NAME --run-dir DIR [--data.path FILE] [--<section>.<field> VALUE]
     genai-jax sft --init-from PRETRAIN_RUN --preset NAME --run-dir DIR [...the same flags]
     genai-jax reward --init-from SFT_RUN --preset NAME --run-dir DIR [...the same flags]
+    genai-jax dpo --init-from SFT_RUN --preset NAME --run-dir DIR [--dpo.loss sigmoid|ipo|hinge|simpo] [...]
     genai-jax ppo --policy SFT_RUN --reward REWARD_RUN --preset NAME --run-dir DIR [...]
     genai-jax pipeline --preset NAME --run-dir DIR [--<stage>.<section>.<field> VALUE]   (all four stages)
     genai-jax sweep SPEC.toml --sweep-dir DIR [--list | --only I | --jobs N | --report]   (many runs)
@@ -34,7 +35,7 @@ import tyro
 from etils import epath
 
 from genai_jax import distributed, overrides, rundir
-from genai_jax.config import (GOLD_PROMPTS, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
+from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
                               RunConfig, TrainConfig, UserError, preset)
 from genai_jax.distributed import say
 
@@ -48,7 +49,7 @@ class StageArgs:
     run_dir: str = ""
     """Run directory (default runs/<preset>-<stage>)."""
     init_from: str = ""
-    """Run directory to start from (sft: a pretraining run); stored as train.init_from."""
+    """Run directory to start from (sft: a pretraining run; reward, dpo: an SFT run); stored as train.init_from."""
     policy: str = ""
     """ppo: the SFT run to optimise; stored as ppo.policy."""
     reward: str = ""
@@ -59,12 +60,13 @@ class StageArgs:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def run_config(self) -> RunConfig:
         train = dataclasses.replace(self.train, init_from=self.init_from) if self.init_from else self.train
         runs = {name: value for name, value in (("policy", self.policy), ("reward", self.reward)) if value}
         return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train, objective=self.objective,
-                         ppo=dataclasses.replace(self.ppo, **runs))
+                         ppo=dataclasses.replace(self.ppo, **runs), dpo=self.dpo)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     name = _preset_name(argv)
     base = preset(name, stage)
     defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train,
-                         objective=base.objective, ppo=base.ppo)
+                         objective=base.objective, ppo=base.ppo, dpo=base.dpo)
     args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")
     if args.preset != name:
         raise UserError("--preset was given twice with different values")
@@ -188,6 +190,13 @@ def cmd_reward(argv: list[str]) -> None:
 
     cfg, run_dir = parse_stage(argv, "reward")
     rundir.print_final("reward", run_dir, stages.reward(cfg, run_dir))
+
+
+def cmd_dpo(argv: list[str]) -> None:
+    from genai_jax import stages
+
+    cfg, run_dir = parse_stage(argv, "dpo")
+    rundir.print_final("dpo", run_dir, stages.dpo(cfg, run_dir))
 
 
 def cmd_ppo(argv: list[str]) -> None:
@@ -330,6 +339,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "pretrain": cmd_pretrain,
     "sft": cmd_sft,
     "reward": cmd_reward,
+    "dpo": cmd_dpo,
     "ppo": cmd_ppo,
     "pipeline": cmd_pipeline,
     "score": cmd_score,

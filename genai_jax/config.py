@@ -125,6 +125,28 @@ moves by up to 4 points between sampling seeds."""
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (the dpo stage): the policy learns from preference pairs
+    against a frozen reference, the init run (formulas in `objectives/dpo.py`)."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """sigmoid: DPO; ipo: IPO (length-normalised); hinge: SLiC's hinge; simpo: SimPO (no reference)."""
+    beta: float = 0.1
+    """How far the policy may move from the reference (for ipo, the target margin is 1 / (2 beta))."""
+    label_smoothing: float = 0.0
+    """sigmoid and simpo: the assumed chance that a label is flipped (conservative DPO)."""
+    simpo_gamma: float = 0.5
+    """simpo: the reward margin gamma."""
+    precompute_reference: bool = True
+    """Score every pair under the reference once before training (cached in the run directory),
+    or in each step (the reference then sits on every device: it is not sharded)."""
+    gold_prompts: int = GOLD_PROMPTS
+    """Task world: held-out prompts for the policy's gold score at the end."""
+    max_new_tokens: int = 16
+    """Task world: response tokens sampled for that gold score (as the tiny preset's PPO)."""
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     """Stage 3 (RLHF). In the ppo stage a step is one iteration: rollouts for `train.batch_size`
     prompts, then `epochs` passes over `minibatches` minibatches of them, one optimizer update each."""
@@ -201,6 +223,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 def replace(cfg, **sections):
@@ -221,7 +244,7 @@ def from_dict(data: dict, where: str = "config") -> RunConfig:
     sections = {}
     for section in dataclasses.fields(RunConfig):
         cls = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-               "objective": ObjectiveConfig, "ppo": PPOConfig}[section.name]
+               "objective": ObjectiveConfig, "ppo": PPOConfig, "dpo": DPOConfig}[section.name]
         values = data.get(section.name, {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -296,6 +319,13 @@ STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
         "*": {"optim": {"lr": 1e-6, "min_lr": 1e-6, "warmup_steps": 0, "weight_decay": 0.0},
               "ppo": {"value_lr": 1e-5},
               "train": {"batch_size": 64, "max_steps": 200, "eval_every": 20, "ckpt_every": 20}},
+    },
+    "dpo": {
+        "tiny": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 20, "weight_decay": 0.0},
+                 "data": {"world_pairs": 8000, "seq_len": 48},
+                 "train": {"max_steps": 400, "eval_every": 100, "ckpt_every": 200, "sample_tokens": 0}},
+        "*": {"optim": {"lr": 5e-7, "min_lr": 5e-8, "warmup_steps": 50, "weight_decay": 0.0},
+              "train": {"max_steps": 1000, "sample_tokens": 0}},
     },
     "sft": {
         "tiny": {"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20}, "data": {"pack": True},

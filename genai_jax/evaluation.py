@@ -81,3 +81,17 @@ def gold_eval(cfg: RunConfig, params, tokenizer: Tokenizer, num_prompts: int, **
         "examples": [{"prompt": p.instruction, "response": r.text, "gold": s}
                      for p, r, s in list(zip(problems, responses, scores))[:5]],
     }
+
+
+def policy_gold(cfg: RunConfig, params, tokenizer: Tokenizer, num_prompts: int, max_new_tokens: int,
+                temperature: float, seed: int = 0) -> dict[str, float]:
+    """A policy's held-out gold scores, sampled at `temperature` (`val_*`) and greedy
+    (`val_greedy_*`), on the task world only (an empty record otherwise)."""
+    if cfg.data.resolved_source != "world":
+        return {}
+    record = {}
+    for prefix, temp in (("val_", temperature), ("val_greedy_", 0.0)):
+        result = gold_eval(cfg, params, tokenizer, num_prompts, seed=seed, max_new_tokens=max_new_tokens,
+                           temperature=temp)
+        record |= {prefix + name: result[name] for name in ("gold_score", "exact", "ended", "response_tokens")}
+    return record

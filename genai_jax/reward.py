@@ -72,7 +72,7 @@ def _rewards(params, tokens, mask, *, cfg):
     return sequence_rewards(GPT(cfg).apply, params, tokens, mask)
 
 
-def _score_rows(score, params, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
+def score_rows(score, params, tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
     """Rewards of token rows [N, T] by `score(params, tokens, mask)` in fixed-shape batches (one
     compilation)."""
     scores = []
@@ -94,7 +94,7 @@ def raw_scores(cfg: RunConfig, params, tokenizer: Tokenizer, prompts: list[list[
     for row, (prompt, response) in enumerate(zip(prompts, responses)):
         encoded, _ = response_tokens(tokenizer, prompt, response, length)
         tokens[row, : len(encoded)], mask[row, : len(encoded)] = encoded, 1
-    return _score_rows(partial(_rewards, cfg=cfg.model), params, tokens, mask, batch_size)
+    return score_rows(partial(_rewards, cfg=cfg.model), params, tokens, mask, batch_size)
 
 
 def pair_accuracy(cfg: RunConfig, params, rows: dict[str, np.ndarray], batch_size: int = 64,
@@ -105,11 +105,21 @@ def pair_accuracy(cfg: RunConfig, params, rows: dict[str, np.ndarray], batch_siz
     n, k, length = rows["tokens"].shape
     if k != 2:
         raise ValueError("pair_accuracy needs pairs (K = 2)")
-    flat = _score_rows(score or partial(_rewards, cfg=cfg.model), params, rows["tokens"].reshape(-1, length),
+    flat = score_rows(score or partial(_rewards, cfg=cfg.model), params, rows["tokens"].reshape(-1, length),
                        rows["mask"].reshape(-1, length), batch_size)
     first, second = flat.reshape(n, 2).T
     first_better = rows["rank"][:, 0] == 0
     return np.where(first_better, first > second, second > first).astype(np.float64)
+
+
+def preference_data(cfg: RunConfig, policy_cfg: RunConfig, policy_params, tokenizer: Tokenizer):
+    """(train groups, validation groups, whether each validation label agrees with gold or None)
+    of the reward and DPO stages: world pairs sampled from the policy, or a JSONL file's groups."""
+    if cfg.data.resolved_source != "world":
+        return *load_preference_groups(cfg.data), None
+    train_problems = world.problems(cfg.data.seed + 4, cfg.data.world_pairs)
+    train_groups, _ = world_preferences(policy_cfg, policy_params, tokenizer, train_problems, cfg.data.seed)
+    return train_groups, *world_validation(policy_cfg, policy_params, tokenizer)
 
 
 def load_preference_groups(cfg) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:

@@ -36,7 +36,7 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.data.conversations import read_prompts_jsonl
-from genai_jax.evaluation import bucketed_len, gold_eval, left_pad
+from genai_jax.evaluation import bucketed_len, left_pad, policy_gold
 from genai_jax.metrics import summary
 from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import sequence_rewards
@@ -211,17 +211,10 @@ def check_batches(cfg: RunConfig, divisor: int) -> int:
     return rows
 
 
-def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer, seed: int = 0) -> dict[str, float]:
-    """Held-out gold score of the policy as PPO trains it (sampling at ppo.temperature: `val_*`)
-    and of its greedy decoding (`val_greedy_*`), on the task world only."""
-    if cfg.data.resolved_source != "world":
-        return {}
-    record = {}
-    for prefix, temperature in (("val_", cfg.ppo.temperature), ("val_greedy_", 0.0)):
-        result = gold_eval(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, seed=seed,
-                           max_new_tokens=cfg.ppo.max_new_tokens, temperature=temperature)
-        record |= {prefix + name: result[name] for name in ("gold_score", "exact", "ended", "response_tokens")}
-    return record
+def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer) -> dict[str, float]:
+    """Held-out gold score of the policy as PPO trains it, sampled at ppo.temperature and greedy."""
+    return policy_gold(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, cfg.ppo.max_new_tokens,
+                       cfg.ppo.temperature)
 
 
 def gold_scores(prompts: Prompts, tokenizer: Tokenizer, rows: np.ndarray, responses: np.ndarray) -> np.ndarray:

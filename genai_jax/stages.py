@@ -16,17 +16,19 @@ import numpy as np
 from etils import epath
 
 from genai_jax import config as config_lib
+from genai_jax import dpo as dpo_lib
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import chat as chat_data
-from genai_jax.data import loader, sources, world
+from genai_jax.data import loader, sources
 from genai_jax.data.chat import build_preference_rows
 from genai_jax.distributed import say
-from genai_jax.evaluation import respond
+from genai_jax.evaluation import policy_gold, respond
 from genai_jax.model import GPT, count_params, init_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
+from genai_jax.objectives.dpo import make_dpo_objective
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
@@ -192,19 +194,8 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
     policy_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="lm"))
     length = check_config(cfg)
-    val_agrees = None
-    if cfg.data.resolved_source == "world":
-        train_problems = world.problems(cfg.data.seed + 4, cfg.data.world_pairs)
-        train_groups, _ = reward_lib.world_preferences(policy_cfg, sft_params, tokenizer, train_problems, cfg.data.seed)
-        val_groups, val_agrees = reward_lib.world_validation(policy_cfg, sft_params, tokenizer)
-    else:
-        train_groups, val_groups = reward_lib.load_preference_groups(cfg.data)
-    train_rows, stats = build_preference_rows(train_groups, tokenizer, length, cfg.data.overlong)
-    val_rows = None
-    if val_groups:
-        # World pairs are short and never dropped, which keeps them aligned with val_agrees.
-        overlong = "truncate" if val_agrees is not None else cfg.data.overlong
-        val_rows, _ = build_preference_rows(val_groups, tokenizer, length, overlong, first=len(train_groups) + 1)
+    train_groups, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, policy_cfg, sft_params, tokenizer,
+                                                                            length)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     say(f"reward data: {stats}")
     state = train_stage(
@@ -239,6 +230,63 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         writer.close()
     sync_processes("reward: normalised")  # a later stage of this launch (the pipeline's ppo) reads it
     return record
+
+
+def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
+    """Stage 2c: direct preference optimisation of the `train.init_from` run (an SFT policy, also
+    the frozen reference) on preference groups: the reward stage's data, world pairs by default.
+    At the end, process 0 logs the implicit reward's held-out pair accuracy (against gold too, on
+    world data) and the policy's held-out gold score. Returns the final metrics."""
+    run_dir = epath.Path(run_dir)
+    if cfg.model.head != "lm":
+        raise UserError("dpo trains a policy: model.head must be lm")
+    cfg, tokenizer, sft_params = load_init(cfg, "dpo needs --init-from RUN_DIR (an SFT run)")
+    length = check_config(cfg)
+    _, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, cfg, sft_params, tokenizer, length)
+    cfg, _ = open_run(cfg, run_dir, tokenizer.save)
+    say(f"dpo data: {stats}")
+    named_rows = {"train": train_rows} | ({"val": val_rows} if val_rows is not None else {})
+    reference_free = cfg.dpo.loss == "simpo"
+    if reference_free or cfg.dpo.precompute_reference:
+        reference = ({name: np.zeros(rows["tokens"].shape[:2], np.float32) for name, rows in named_rows.items()}
+                     if reference_free else dpo_lib.cached_reference_logprobs(cfg, run_dir, sft_params, named_rows))
+        named_rows = {name: dict(rows, ref_logprobs=reference[name]) for name, rows in named_rows.items()}
+    on_the_fly = None if reference_free or cfg.dpo.precompute_reference else jax.device_get(sft_params)
+    objective = partial(make_dpo_objective, loss=cfg.dpo.loss, beta=cfg.dpo.beta,
+                        label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,
+                        reference_params=on_the_fly)
+    state = train_stage(
+        cfg, run_dir, make_objective=objective, train_source=loader.Rows(named_rows["train"]),
+        val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None, initial_params=sft_params,
+        summary=stats,
+    )
+    params = host_copy(state.params)  # a collective: every process takes part
+    record = {}
+    if jax.process_index() == 0:  # the others wait at the barrier below
+        if val_rows is not None:
+            accuracy = dpo_lib.implicit_pair_accuracy(cfg, params, sft_params, val_rows)
+            record["val_pair_accuracy"] = float(accuracy.mean())
+            if val_agrees is not None:
+                record["val_gold_accuracy"] = float(reward_lib.gold_accuracy(accuracy, val_agrees).mean())
+        record |= policy_gold(cfg, params, tokenizer, cfg.dpo.gold_prompts, cfg.dpo.max_new_tokens, temperature=1.0)
+        writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
+        writer.write({"step": cfg.train.max_steps, **record})
+        writer.close()
+    sync_processes("dpo: evaluated")
+    return final_record(run_dir)
+
+
+def preference_rows(cfg: RunConfig, policy_cfg: RunConfig, policy_params, tokenizer: Tokenizer, length: int):
+    """(train groups, train rows, validation rows or None, whether each validation label agrees
+    with gold or None, stats) of the reward and DPO stages (`reward_lib.preference_data`)."""
+    train_groups, val_groups, val_agrees = reward_lib.preference_data(cfg, policy_cfg, policy_params, tokenizer)
+    train_rows, stats = build_preference_rows(train_groups, tokenizer, length, cfg.data.overlong)
+    val_rows = None
+    if val_groups:
+        # World pairs are short and never dropped, which keeps them aligned with val_agrees.
+        overlong = "truncate" if val_agrees is not None else cfg.data.overlong
+        val_rows, _ = build_preference_rows(val_groups, tokenizer, length, overlong, first=len(train_groups) + 1)
+    return train_groups, train_rows, val_rows, val_agrees, stats
 
 
 def sample_text(cfg: RunConfig, params, tokenizer: Tokenizer, prompt: np.ndarray, max_new_tokens: int,

@@ -80,6 +80,19 @@ def test_all_formats_in_one_file_with_blank_lines(tmp_path):
     assert [g.ranking for g in groups] == [(0, 1), (1, 0), (0, 1)]
 
 
+def test_an_empty_answer_is_a_valid_bad_answer(tmp_path):
+    """HH-RLHF's harmless-base test file has pairs whose last Assistant turn is empty: they load."""
+    lines = [json.dumps({"chosen": hh(T, ("Assistant", "")), "rejected": hh(T, ("Assistant", "no"))}),
+             json.dumps({"chosen": hh(T, A), "rejected": hh(T, ("Assistant", "  "))}),
+             json.dumps({"prompt": "q", "chosen": "a", "rejected": ""}),
+             json.dumps({"prompt": "q", "responses": ["a", "", "c"], "ranking": [0, 2, 1]})]
+    groups, skipped = read_preferences_jsonl(write(tmp_path, *lines))
+    question = ({"role": "user", "content": "q"},)
+    assert skipped == 0
+    assert groups == [PreferenceGroup(question, ("", "no"), (0, 1)), PreferenceGroup(question, ("a", ""), (0, 1)),
+                      PreferenceGroup(question, ("a", ""), (0, 1)), PreferenceGroup(question, ("a", "", "c"), (0, 2, 1))]
+
+
 def test_parse_hh_transcript():
     assert parse_hh_transcript("\n\nHuman: hi\n\nAssistant: hello") == [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -156,8 +169,9 @@ MALFORMED = {
     "chosen not str": ('{"prompt": "q", "chosen": 1, "rejected": "b"}', r'"chosen" must be a string, got int'),
     "rejected missing": ('{"prompt": "q", "chosen": "a"}', r'"rejected" must be a string, got NoneType'),
     "empty prompt": ('{"prompt": " ", "chosen": "a", "rejected": "b"}', r'"prompt" is empty'),
-    "empty chosen": ('{"prompt": "q", "chosen": "", "rejected": "b"}', r'"chosen" is empty'),
-    "empty rejected": ('{"prompt": "q", "chosen": "a", "rejected": "\\n"}', r'"rejected" is empty'),
+    "empty pair": ('{"prompt": "q", "chosen": "", "rejected": " "}', r'"chosen" and "rejected" are identical'),
+    "hh empty middle turn": (json.dumps({"chosen": hh(T, ("Assistant", " "), T, A), "rejected": hh(T, ("Assistant", " "), T, ("Assistant", "b"))}),
+                             r'"chosen" is not a Human/Assistant transcript: turn 1 \(Assistant\) is empty'),
     "identical pair": ('{"prompt": "q", "chosen": "same", "rejected": "same "}',
                        r'"chosen" and "rejected" are identical'),
     "margin not number": ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1"}',
@@ -175,8 +189,6 @@ MALFORMED = {
                            r'"responses" holds 9 responses, more than max_responses=8'),
     "response not str": ('{"prompt": "q", "responses": ["a", 2], "ranking": [0, 1]}',
                          r"response 1 must be a string, got int"),
-    "empty response": ('{"prompt": "q", "responses": ["a", "b", "  "], "ranking": [0, 1, 2]}',
-                       r"response 2 is empty"),
     "duplicate responses": ('{"prompt": "q", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}',
                             r"responses 0 and 2 are identical"),
     "ranking missing": ('{"prompt": "q", "responses": ["a", "b"]}',
@@ -200,8 +212,6 @@ MALFORMED = {
                             r'"chosen" is not a Human/Assistant transcript: text before the first turn'),
     "hh assistant first": (json.dumps({"chosen": hh(T, A), "rejected": hh(A, T, A)}),
                            r'"rejected" is not a Human/Assistant transcript: the first turn must be from the Human'),
-    "hh empty turn": (json.dumps({"chosen": hh(T, ("Assistant", " ")), "rejected": hh(T, A)}),
-                      r'"chosen" is not a Human/Assistant transcript: turn 1 \(Assistant\) is empty'),
     "hh ends with human": (json.dumps({"chosen": hh(T, A, T), "rejected": hh(T, A)}),
                            r'"chosen" does not end with an Assistant turn'),
     "hh two assistant turns at end": (json.dumps({"chosen": hh(T, A, ("Assistant", "b")), "rejected": hh(T, A)}),

@@ -128,10 +128,17 @@ def response_tokens(tokenizer: Tokenizer, prompt, response: str, seq_len: int) -
     return tokens[-seq_len:], len(tokens) > seq_len
 
 
+def response_length(tokenizer: Tokenizer, response: str) -> int:
+    """Tokens of an assistant answer in the chat template after its role token: the content and
+    its end of turn (an empty answer is its end of turn alone)."""
+    return len(tokenizer.encode(response)) + 1
+
+
 def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: str = "truncate", first: int = 1):
-    """(rows, stats as a dict) for the reward model from `PreferenceGroup`s: tokens and mask
-    [N, K, seq_len] (each response after its prompt in the chat template, right-padded), rank and
-    valid [N, K], weights and margin [N]; K is the most responses of any group. A sequence longer
+    """(rows, stats as a dict) for the reward model and DPO from `PreferenceGroup`s: tokens, mask
+    and response [N, K, seq_len] (each response after its prompt in the chat template,
+    right-padded; `response` marks the answer's tokens and its end of turn), rank and valid
+    [N, K], weights and margin [N]; K is the most responses of any group. A sequence longer
     than seq_len keeps its last seq_len tokens ("truncate": the reward is read at the end) or
     drops its group ("drop")."""
     k = max(len(group.responses) for group in groups)
@@ -139,6 +146,7 @@ def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: 
     rows = {
         "tokens": np.full((n, k, seq_len), tokenizer.pad_id, np.int32),
         "mask": np.zeros((n, k, seq_len), np.int32),
+        "response": np.zeros((n, k, seq_len), np.int32),
         "rank": np.full((n, k), k, np.int32),
         "valid": np.zeros((n, k), bool),
         "weights": np.zeros(n, np.float32),
@@ -156,9 +164,11 @@ def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: 
                 stats["dropped"] += 1
                 continue
             stats["truncated"] += 1
-        for i, (tokens, _) in enumerate(encoded):
+        for i, ((tokens, _), response) in enumerate(zip(encoded, group.responses)):
             rows["tokens"][kept, i, : len(tokens)] = tokens
             rows["mask"][kept, i, : len(tokens)] = 1
+            answer = min(response_length(tokenizer, response), len(tokens))
+            rows["response"][kept, i, len(tokens) - answer : len(tokens)] = 1
         rows["rank"][kept, list(group.ranking)] = np.arange(len(group.ranking))
         rows["valid"][kept, : len(group.responses)] = True
         rows["weights"][kept] = 1.0

@@ -3,8 +3,8 @@
 A local JSONL file holds one group per line, as a `{"prompt", "chosen", "rejected"}` pair
 (optionally `"margin"`), a K-way `{"prompt", "responses", "ranking"}`, or an HH-RLHF style
 `{"chosen", "rejected"}` pair of whole "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts whose
-shared earlier turns are the prompt. Bad lines are a UserError naming `path:line`, as in
-`conversations`.
+shared earlier turns are the prompt. An empty answer is a valid (bad) answer; an empty prompt is
+not. Bad lines are a UserError naming `path:line`, as in `conversations`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def parse_hh_transcript(text: str) -> list[dict]:
     """"\\n\\nHuman: hi\\n\\nAssistant: hello" -> [{"role": "user", "content": "hi"},
     {"role": "assistant", "content": "hello"}], each content stripped. A turn starts at
     "\\n\\nHuman:" or "\\n\\nAssistant:" (or at "Human:" opening the text). Raises ValueError when
-    there is text before the first turn, no turn, a first turn that is not Human's, or an empty turn."""
+    there is text before the first turn, no turn, a first turn that is not Human's, or an empty turn
+    other than a final Assistant turn (an empty answer is a valid, bad, answer: HH-RLHF has some)."""
     if not isinstance(text, str):
         raise ValueError(f"expected a string, got {type(text).__name__}")
     parts = _HH_TURN.split(text)
@@ -81,8 +82,9 @@ def parse_hh_transcript(text: str) -> list[dict]:
     if len(parts) == 1:
         raise ValueError('no "\\n\\nHuman:" / "\\n\\nAssistant:" turns')
     messages = []
-    for i, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2])):
-        if not content.strip():
+    turns = list(zip(parts[1::2], parts[2::2]))
+    for i, (speaker, content) in enumerate(turns):
+        if not content.strip() and not (speaker == "Assistant" and i == len(turns) - 1):
             raise ValueError(f"turn {i} ({speaker}) is empty")
         messages.append({"role": _HH_ROLES[speaker], "content": content.strip()})
     if messages[0]["role"] != "user":
@@ -110,7 +112,7 @@ def _group(record: dict, max_responses: int) -> PreferenceGroup:
 
 def _pair(record: dict) -> PreferenceGroup:
     prompt = _text_field(record, "prompt")
-    chosen, rejected = _text_field(record, "chosen"), _text_field(record, "rejected")
+    chosen, rejected = _response_field(record, "chosen"), _response_field(record, "rejected")
     if chosen.strip() == rejected.strip():
         raise BadLine('"chosen" and "rejected" are identical')
     return PreferenceGroup(({"role": "user", "content": prompt},), (chosen, rejected), (0, 1), _margin(record))
@@ -157,8 +159,6 @@ def _ranked(record: dict, max_responses: int) -> PreferenceGroup:
     for i, response in enumerate(responses):
         if not isinstance(response, str):
             raise BadLine(f"response {i} must be a string, got {type(response).__name__}")
-        if not response.strip():
-            raise BadLine(f"response {i} is empty")
         if response.strip() in seen:
             raise BadLine(f"responses {seen[response.strip()]} and {i} are identical")
         seen[response.strip()] = i
@@ -169,6 +169,14 @@ def _ranked(record: dict, max_responses: int) -> PreferenceGroup:
         raise BadLine(f'"ranking" must be a permutation of 0..{len(responses) - 1} (each response index once), '
                        f"got {ranking}")
     return PreferenceGroup(({"role": "user", "content": prompt},), tuple(responses), tuple(ranking))
+
+
+def _response_field(record: dict, key: str) -> str:
+    """`record[key]`, which must be a string; an empty answer is a valid (bad) answer."""
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise BadLine(f'"{key}" must be a string, got {type(value).__name__}')
+    return value
 
 
 def _describe(value: object) -> str:

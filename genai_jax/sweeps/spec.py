@@ -22,10 +22,11 @@ from typing import Any
 from genai_jax import overrides
 from genai_jax.config import PRESETS, UserError
 
-COMMANDS = ("pretrain", "sft", "reward", "ppo", "pipeline")
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
+COMMANDS = (*STAGES, "pipeline")
 TOP_KEYS = ("command", "preset", "seeds", "metrics", "frontiers", "fixed", "grid", "cells", "description")
 # A stage command's flags that are not config fields: the run directories it starts from.
-STAGE_FLAGS = {"init-from": COMMANDS[:4], "policy": ("ppo",), "reward": ("ppo",)}
+STAGE_FLAGS = {"init-from": STAGES, "policy": ("ppo",), "reward": ("ppo",)}
 RESERVED = {
     "preset": "set `preset` at the top of the spec",
     "run-dir": "the sweep gives each run its own --run-dir",
