@@ -148,15 +148,30 @@ class DPOConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """Stage 3 (RLHF). In the ppo stage a step is one iteration: rollouts for `train.batch_size`
-    prompts, then `epochs` passes over `minibatches` minibatches of them, one optimizer update each."""
+    """Stage 3 (RLHF), the RL stage of every algorithm. A step is one iteration: `group_size`
+    rollouts for each of `train.batch_size` prompts, then `epochs` passes over `minibatches`
+    minibatches of them (a prompt's group stays in one minibatch), one optimizer update each."""
 
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    """ppo: a value model and GAE; grpo, rloo: no value model, a baseline from the prompt's other
+    samples (formulas in objectives/critic_free.py); they need group_size >= 2."""
+    group_size: int = 1
+    """Samples per prompt in each iteration."""
+    scale_rewards: Literal["group", "none"] = "group"
+    """grpo: divide each advantage by its group's standard deviation, or not (Dr. GRPO)."""
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """How the policy loss averages: over every response token of the batch, or over sequences
+    of their token means (the GRPO paper's choice)."""
+    whiten_advantages: bool = False
+    """rloo: whiten the advantages over the batch (ppo always whitens; grpo's are per group)."""
     policy: str = ""
     """SFT run directory: the policy starts from it and it stays the frozen reference."""
     reward: str = ""
     """Reward model run directory: it scores, and the value model starts from it. `gold`: the task
     world's gold checker scores instead (RL against the verifiable reward; the value model starts
-    from the SFT trunk), the ceiling a learned reward model can reach."""
+    from the SFT trunk), the ceiling a learned reward model can reach. `python:MODULE:FUNCTION`:
+    a function of yours, `(prompts: list[str], responses: list[str]) -> list[float]`, scores
+    (MODULE imported from the working directory; the value model starts from the SFT trunk)."""
     epochs: int = 4
     minibatches: int = 4
     max_new_tokens: int = 32
@@ -173,7 +188,8 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05
-    """The KL penalty's beta (its start value with an adaptive controller)."""
+    """The KL penalty's beta (its start value with an adaptive controller): in the reward for ppo
+    and rloo, the coefficient of the k3 term in the loss for grpo (0 allowed)."""
     kl_target: float = 0.0
     """Adaptive KL controller's target (per-sequence KL, nats); 0 keeps beta fixed."""
     kl_horizon: int = 10000
@@ -190,6 +206,10 @@ class PPOConfig:
     loss, only how much padding the step computes."""
     gold_prompts: int = GOLD_PROMPTS
     """Task world: held-out prompts for the gold score at each evaluation."""
+
+    @property
+    def has_value_model(self) -> bool:
+        return self.algorithm == "ppo"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
-"""Stage 3: RLHF with PPO against the reward model, held near the SFT model by a KL penalty.
+"""Stage 3: RLHF against the reward model (or the gold checker), held near the SFT model by a KL
+penalty, with PPO (the default), GRPO or RLOO (`ppo.algorithm`).
 
-Four models: the policy (from SFT, trained), the value model (from the reward model, trained),
-the frozen reference (the SFT model) and the frozen reward model with its normalisation. Policy
-and value are one parameter pytree {"policy", "value"} under one optimizer, so the stage trains
-with the same `make_train_step` as every other; only the objective (`ppo`) differs.
+PPO has four models: the policy (from SFT, trained), the value model (from the reward model,
+trained), the frozen reference (the SFT model) and the frozen reward model with its
+normalisation. Policy and value are one parameter pytree {"policy", "value"} under one
+optimizer, so the stage trains with the same `make_train_step` as every other; only the
+objective (`ppo`) differs. GRPO and RLOO have no value model (params {"policy"}): their baseline
+is the other samples of the same prompt (`ppo.group_size` per prompt), and their objective is
+`critic_free`.
 
 One iteration (one "step" of this stage): sample responses for a batch of prompts with the KV
 cache, score them (`experience`, one compiled function: log-probabilities under the policy and the
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 import os
+import sys
 import time
 from functools import partial
 from typing import Callable, NamedTuple
@@ -40,6 +46,7 @@ from genai_jax.evaluation import bucketed_len, left_pad, policy_gold
 from genai_jax.metrics import summary
 from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import sequence_rewards
+from genai_jax.objectives.critic_free import group_advantages, leave_one_out_advantages, make_critic_free_objective
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
                                       make_ppo_objective, masked_whiten, policy_and_values)
 from genai_jax.optim import make_ppo_optimizer
@@ -51,6 +58,8 @@ from genai_jax.train import Preempted, PreemptionGuard, make_train_step
 
 GOLD_REWARD = "gold"
 """`ppo.reward` naming the task world's gold checker instead of a reward model run."""
+CODE_REWARD = "python:"
+"""The prefix of a `ppo.reward` naming a user's function, python:MODULE:FUNCTION."""
 
 
 def response_mask(response: jax.Array, end_id: int) -> jax.Array:
@@ -86,7 +95,11 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
         "segment_ids": input_mask,
         "weights": action_mask,
     }
-    logits, values = policy_and_values(apply_fn, params, batch, ppo.temperature)
+    if ppo.has_value_model:
+        logits, values = policy_and_values(apply_fn, params, batch, ppo.temperature)
+    else:
+        logits = apply_fn(params["policy"], batch["inputs"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"], deterministic=True, head="lm")
     logprobs = action_logprobs(logits, batch["targets"], ppo.temperature)
     ref_logits = apply_fn(ref_params, batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"], deterministic=True, head="lm")
@@ -99,25 +112,38 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
     score = jnp.clip(proxy_reward, -ppo.reward_clip, ppo.reward_clip) if ppo.reward_clip > 0 else proxy_reward
     score = score - ppo.no_end_penalty * (1.0 - ended.astype(jnp.float32))
     kl = kl_estimate(logprobs, ref_logprobs, ppo.kl_estimator) * action_mask
-    last_action = jax.nn.one_hot(action_mask.shape[1] - 1 - jnp.argmax(action_mask[:, ::-1], axis=1),
-                                 action_mask.shape[1])
-    rewards = -beta * kl + score[:, None] * last_action
-    if ppo.whiten_rewards:
-        rewards = masked_whiten(rewards, action_mask, shift_mean=False)
-    values = values * action_mask
-    advantages, returns = gae(rewards, values, action_mask, ppo.gamma, ppo.lam)
-    batch |= {"old_logprobs": logprobs * action_mask, "old_values": values,
-              "advantages": masked_whiten(advantages, action_mask), "returns": returns}
-
     sequence_kl = jnp.sum(kl, axis=1)
-    stats = {
+    batch["old_logprobs"] = logprobs * action_mask
+    stats = {}
+    if ppo.algorithm == "ppo":
+        last_action = jax.nn.one_hot(action_mask.shape[1] - 1 - jnp.argmax(action_mask[:, ::-1], axis=1),
+                                     action_mask.shape[1])
+        rewards = -beta * kl + score[:, None] * last_action
+        if ppo.whiten_rewards:
+            rewards = masked_whiten(rewards, action_mask, shift_mean=False)
+        values = values * action_mask
+        advantages, returns = gae(rewards, values, action_mask, ppo.gamma, ppo.lam)
+        batch |= {"old_values": values, "advantages": masked_whiten(advantages, action_mask), "returns": returns}
+        stats["explained_variance"] = explained_variance(values, returns, action_mask)
+    else:
+        if ppo.algorithm == "grpo":
+            sequence_advantages = group_advantages(score, ppo.group_size, scale=ppo.scale_rewards == "group")
+            batch["ref_logprobs"] = ref_logprobs * action_mask
+        else:  # rloo
+            sequence_advantages = leave_one_out_advantages(score - beta * sequence_kl, ppo.group_size)
+            if ppo.whiten_advantages:
+                sequence_advantages = masked_whiten(sequence_advantages, jnp.ones_like(sequence_advantages))
+        batch["advantages"] = sequence_advantages[:, None] * action_mask
+    if ppo.loss_aggregation == "sequence":  # each sequence weighs 1, shared by its tokens
+        batch["weights"] = action_mask / jnp.maximum(jnp.sum(action_mask, axis=1, keepdims=True), 1.0)
+
+    stats |= {
         "proxy_reward": jnp.mean(proxy_reward),
         "score": jnp.mean(score),
         "kl": jnp.mean(sequence_kl),
         "rl_reward": jnp.mean(score - beta * sequence_kl),
         "response_tokens": jnp.mean(jnp.sum(action_mask, axis=1)),
         "ended": jnp.mean(ended.astype(jnp.float32)),
-        "explained_variance": explained_variance(values, returns, action_mask),
     }
     return batch, stats
 
@@ -130,6 +156,8 @@ class Prompts:
     mask: np.ndarray
     problems: list[world.Problem] | None
     """Task world: the problem behind each prompt, for the gold score of rollouts."""
+    texts: tuple[str, ...] = ()
+    """Each prompt as the user wrote it, for a reward function of code."""
 
 
 def load_prompts(cfg: RunConfig, tokenizer: Tokenizer) -> Prompts:
@@ -152,7 +180,7 @@ def load_prompts(cfg: RunConfig, tokenizer: Tokenizer) -> Prompts:
                         f"{cfg.ppo.max_new_tokens} it exceeds model.context_len={cfg.model.context_len}")
     prompt_len = bucketed_len(len(encoded[longest]), room)
     tokens, mask = left_pad(encoded, prompt_len, tokenizer.pad_id)
-    return Prompts(tokens, mask, problems)
+    return Prompts(tokens, mask, problems, tuple(chat[-1]["content"] for chat in chats))
 
 
 def prompt_rows(num_prompts: int, batch_size: int, iteration: int, seed: int) -> np.ndarray:
@@ -171,7 +199,8 @@ def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
 def load_models(cfg: RunConfig):
     """(config with the policy's model, tokenizer, SFT params, value model's initial params, reward
     params, normalisation), refusing runs that cannot work together. With `ppo.reward=gold` there
-    is no reward model (None, None) and the value model starts from the SFT trunk."""
+    is no reward model (None, None) and the value model starts from the SFT trunk; an algorithm
+    without a value model gets None for it."""
     if not cfg.ppo.policy or not cfg.ppo.reward:
         raise UserError("ppo needs --policy SFT_RUN and --reward REWARD_RUN (or gold)")
     policy_cfg, tokenizer, sft_params = load_trained(cfg.ppo.policy)
@@ -179,10 +208,12 @@ def load_models(cfg: RunConfig):
         raise UserError(f"--policy {cfg.ppo.policy} is not a policy run (model.head={policy_cfg.model.head})")
     model = dataclasses.replace(policy_cfg.model, dropout=0.0, head="lm")
     cfg = dataclasses.replace(cfg, model=model)
-    if cfg.ppo.reward == GOLD_REWARD:
-        if cfg.data.resolved_source != "world":
+    if cfg.ppo.reward == GOLD_REWARD or cfg.ppo.reward.startswith(CODE_REWARD):
+        if cfg.ppo.reward == GOLD_REWARD and cfg.data.resolved_source != "world":
             raise UserError("--reward gold needs the task world's prompts (data.source=world)")
-        value_params = with_scalar_head(sft_params, model, jax.random.PRNGKey(cfg.train.seed + 1))
+        value_params = None
+        if cfg.ppo.has_value_model:
+            value_params = with_scalar_head(sft_params, model, jax.random.PRNGKey(cfg.train.seed + 1))
         return cfg, tokenizer, sft_params, value_params, None, None
     reward_cfg, reward_tokenizer, reward_params = load_trained(cfg.ppo.reward)
     if reward_cfg.model.head != "scalar":
@@ -194,17 +225,37 @@ def load_models(cfg: RunConfig):
     if not _same_vocabulary(tokenizer, reward_tokenizer):
         raise UserError(f"--reward {cfg.ppo.reward} and --policy {cfg.ppo.policy} use different tokenizers")
     normalization = reward_lib.load_normalization(cfg.ppo.reward)
-    return cfg, tokenizer, sft_params, reward_params, reward_params, normalization
+    value_params = reward_params if cfg.ppo.has_value_model else None
+    return cfg, tokenizer, sft_params, value_params, reward_params, normalization
+
+
+def rollouts_per_iteration(cfg: RunConfig) -> int:
+    """Sequences sampled per iteration: `ppo.group_size` for each of `train.batch_size` prompts,
+    a prompt's group adjacent."""
+    return cfg.train.batch_size * cfg.ppo.group_size
+
+
+def check_algorithm(cfg: RunConfig) -> None:
+    """Refuse RL settings that cannot work together, before anything is loaded or written."""
+    ppo = cfg.ppo
+    if ppo.group_size < 1:
+        raise UserError(f"ppo.group_size={ppo.group_size} must be at least 1")
+    if not ppo.has_value_model and ppo.group_size < 2:
+        raise UserError(f"ppo.algorithm={ppo.algorithm} takes its baseline from the other samples of a prompt: "
+                        "set ppo.group-size to 2 or more")
+    if ppo.algorithm == "grpo" and ppo.kl_target > 0:
+        raise UserError("ppo.kl-target adapts a KL penalty in the reward (ppo, rloo); grpo's KL is a loss term "
+                        "with the fixed coefficient ppo.kl-coef")
 
 
 def check_batches(cfg: RunConfig, divisor: int) -> int:
-    """Rows per minibatch, once the rollout batch splits evenly into minibatches and each minibatch
-    over `divisor` devices (all processes' devices: a minibatch is global)."""
+    """Rows per minibatch, once the prompts split evenly into minibatches (a prompt's group stays
+    in one) and each minibatch over `divisor` devices (all processes' devices: a minibatch is global)."""
     batch, minibatches = cfg.train.batch_size, cfg.ppo.minibatches
     if minibatches < 1 or batch % minibatches:
         raise UserError(f"train.batch_size={batch} (prompts per iteration) does not split into "
                         f"ppo.minibatches={minibatches}")
-    rows = batch // minibatches
+    rows = batch // minibatches * cfg.ppo.group_size
     if rows % (divisor * cfg.optim.grad_accum):
         raise UserError(f"a minibatch of {rows} rows does not split over {divisor} device(s) x "
                         f"optim.grad_accum={cfg.optim.grad_accum}")
@@ -215,6 +266,54 @@ def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer) -> dict
     """Held-out gold score of the policy as PPO trains it, sampled at ppo.temperature and greedy."""
     return policy_gold(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, cfg.ppo.max_new_tokens,
                        cfg.ppo.temperature)
+
+
+def load_reward_function(spec: str) -> Callable:
+    """The user's `FUNCTION(prompts: list[str], responses: list[str]) -> list[float]` that
+    `python:MODULE:FUNCTION` names, MODULE imported as Python would from the working directory."""
+    module_name, _, function_name = spec.removeprefix(CODE_REWARD).partition(":")
+    if not module_name or not function_name:
+        raise UserError(f"--reward {spec}: expected python:MODULE:FUNCTION")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # whatever the module raises on import
+        raise UserError(f"--reward {spec}: cannot import {module_name} ({type(err).__name__}: {err})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"--reward {spec}: {module_name} has no function {function_name}")
+    return function
+
+
+def code_scores(function: Callable, spec: str, prompts: Prompts, tokenizer: Tokenizer, rows: np.ndarray,
+                responses: np.ndarray) -> np.ndarray:
+    """The user's reward function's scores of the sampled responses, checked: one finite number each."""
+    texts = [decode_response(tokenizer, response)[0] for response in responses]
+    try:
+        values = function([prompts.texts[row] for row in rows], texts)
+        scores = np.asarray(values, np.float64)
+    except Exception as err:  # whatever the function raises, or values that are not numbers
+        raise UserError(f"--reward {spec} failed: {type(err).__name__}: {err}") from None
+    if scores.shape != (len(texts),):
+        raise UserError(f"--reward {spec} returned {scores.size} score(s) of shape {scores.shape} for "
+                        f"{len(texts)} responses; it must return one number per response")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise UserError(f"--reward {spec} returned {scores[bad[0]]} for response {bad[0]} "
+                        f"({texts[bad[0]]!r}); scores must be finite")
+    return scores.astype(np.float32)
+
+
+def host_scorer(cfg: RunConfig, prompts: Prompts, tokenizer: Tokenizer) -> Callable | None:
+    """`score_responses(rows, responses)` on the host for `ppo.reward` gold or python:..., loaded
+    now so that a missing function stops the run before anything is written; None for a reward
+    model run."""
+    if cfg.ppo.reward == GOLD_REWARD:
+        return partial(gold_scores, prompts, tokenizer)
+    if cfg.ppo.reward.startswith(CODE_REWARD):
+        return partial(code_scores, load_reward_function(cfg.ppo.reward), cfg.ppo.reward, prompts, tokenizer)
+    return None
 
 
 def gold_scores(prompts: Prompts, tokenizer: Tokenizer, rows: np.ndarray, responses: np.ndarray) -> np.ndarray:
@@ -279,9 +378,9 @@ def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, plac
 
     Returns the shapes of `experience`'s train batch (a ShapeDtypeStruct per name) and the two
     programs' peaks in MiB (empty where the backend reports none)."""
-    rows = np.arange(cfg.train.batch_size) % len(prompts.tokens)
+    rows = np.arange(rollouts_per_iteration(cfg)) % len(prompts.tokens)
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
-    scores = placement.rows(np.zeros(cfg.train.batch_size, np.float32)) if gold else None
+    scores = placement.rows(np.zeros(len(rows), np.float32)) if gold else None
     key = jax.random.PRNGKey(0)  # made outside the mesh context, like the iterations' keys
     advice = "lower train.batch_size or ppo.max_new_tokens"
     with placement.context():
@@ -352,6 +451,13 @@ class UpdateSteps(NamedTuple):
     packed_shape: tuple[int, int] | None = None
 
 
+def update_order(rows: int, group_size: int, seed) -> np.ndarray:
+    """The rollout rows in one epoch's shuffled order, each prompt's group (adjacent rows) kept
+    together, so that every minibatch holds whole groups."""
+    groups = np.random.default_rng(seed).permutation(rows // group_size)
+    return (groups[:, None] * group_size + np.arange(group_size)).reshape(-1)
+
+
 def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig, iteration: int, key,
                 minibatch_rows: int):
     """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
@@ -361,7 +467,7 @@ def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig
     (`metrics.summary`), with the share of updates that ran packed."""
     updates, packed_updates = [], 0
     for epoch in range(cfg.ppo.epochs):
-        order = np.random.default_rng([cfg.data.seed, iteration, epoch]).permutation(len(batch["inputs"]))
+        order = update_order(len(batch["inputs"]), cfg.ppo.group_size, [cfg.data.seed, iteration, epoch])
         for m in range(cfg.ppo.minibatches):
             chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
             minibatch = {name: value[chosen] for name, value in batch.items()}
@@ -376,17 +482,34 @@ def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig
     return state, record | {"packed_updates": packed_updates / len(updates)}
 
 
+def rl_objective(cfg: RunConfig):
+    """The objective of `ppo.algorithm`: PPO's (policy and value), or the critic-free one (GRPO
+    with its KL term in the loss; RLOO, whose KL is in the reward)."""
+    ppo = cfg.ppo
+    apply_fn = GPT(cfg.model).apply
+    if ppo.has_value_model:
+        return make_ppo_objective(apply_fn, clip_ratio=ppo.clip_ratio, clip_value=ppo.clip_value,
+                                  value_coef=ppo.value_coef, entropy_coef=ppo.entropy_coef,
+                                  temperature=ppo.temperature)
+    return make_critic_free_objective(apply_fn, clip_ratio=ppo.clip_ratio,
+                                      kl_coef=ppo.kl_coef if ppo.algorithm == "grpo" else 0.0,
+                                      entropy_coef=ppo.entropy_coef, temperature=ppo.temperature)
+
+
 def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 3: PPO on the policy of `ppo.policy` against the reward model of `ppo.reward`.
     Returns the final metrics (the last iteration's record merged with the last evaluation)."""
     run_dir = epath.Path(run_dir)
+    check_algorithm(cfg)
     cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)
     prompts = load_prompts(cfg, tokenizer)
+    score_responses = host_scorer(cfg, prompts, tokenizer)
     strategy = make_strategy(cfg.train)
     minibatch_rows = check_batches(cfg, strategy.batch_divisor * jax.process_count())
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
 
-    init_fn = make_ppo_init_fn(cfg, *(jax.tree.map(jnp.array, p) for p in (sft_params, value_params)))
+    init_fn = make_ppo_init_fn(cfg, *(None if p is None else jax.tree.map(jnp.array, p)
+                                      for p in (sft_params, value_params)))
     abstract_state = jax.eval_shape(init_fn)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
@@ -397,15 +520,10 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     state = strategy.place_state(state)
     placement = _Placement(strategy)
     frozen = {"reference": placement.params(sft_params), "reward": None, "normalization": None}
-    score_responses = None
-    if reward_params is None:  # ppo.reward=gold
-        score_responses = partial(gold_scores, prompts, tokenizer)
-    else:
+    if score_responses is None:
         frozen |= {"reward": placement.params(reward_params),
                    "normalization": {name: jnp.float32(value) for name, value in normalization.items()}}
-    objective = make_ppo_objective(
-        GPT(cfg.model).apply, clip_ratio=cfg.ppo.clip_ratio, clip_value=cfg.ppo.clip_value,
-        value_coef=cfg.ppo.value_coef, entropy_coef=cfg.ppo.entropy_coef, temperature=cfg.ppo.temperature)
+    objective = rl_objective(cfg)
     end_id = tokenizer.special_id(END)
     train_batch, rollout_memory = compile_rollout(
         cfg, strategy.state_to_host(state).params, frozen, prompts, placement, end_id=end_id, pad_id=tokenizer.pad_id,
@@ -446,7 +564,8 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         with PreemptionGuard() as guard:
             while iteration < cfg.train.max_steps:
                 key = jax.random.fold_in(base_rng, iteration)
-                rows = prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed)
+                rows = np.repeat(prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed),
+                                 cfg.ppo.group_size)
                 with placement.context():
                     response, batch, stats, timings = rollout(
                         cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,

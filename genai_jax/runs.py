@@ -81,15 +81,16 @@ def final_record(run_dir: epath.Path) -> dict:
 
 
 def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
-    """TrainState init for an RLHF run's {"policy", "value"}; with no params given, random ones of
-    the right shape (enough for `jax.eval_shape`, to restore checkpoints into)."""
+    """TrainState init for an RLHF run's {"policy", "value"} ({"policy"} for an algorithm without
+    a value model); with no params given, random ones of the right shape (enough for
+    `jax.eval_shape`, to restore checkpoints into)."""
 
     def init(key):
         policy_key, value_key = jax.random.split(key)
-        return {
-            "policy": init_params(cfg.model, policy_key, "lm") if policy_params is None else policy_params,
-            "value": init_params(cfg.model, value_key, "scalar") if value_params is None else value_params,
-        }
+        params = {"policy": init_params(cfg.model, policy_key, "lm") if policy_params is None else policy_params}
+        if cfg.ppo.has_value_model:
+            params["value"] = init_params(cfg.model, value_key, "scalar") if value_params is None else value_params
+        return params
 
     return make_init_fn(init, make_ppo_optimizer(cfg), cfg.train.seed)
 
@@ -102,7 +103,7 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict
     checkpointer = Checkpointer(run_dir / "checkpoints")
     if checkpointer.latest_step() is None:
         raise UserError(f"{run_dir}: no checkpoint yet")
-    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} under the PPO optimizer
+    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} (or {"policy"}) under the PPO optimizer
         init_fn = make_ppo_init_fn(cfg)
     else:
         init_fn = make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps),

@@ -161,3 +161,108 @@ def test_ppo_compiles_its_rollout_once_ahead_of_time(finished_pipeline, tmp_path
     rollout_prompts = f"int32[{cfg.train.batch_size},{first['prompt_len']}]"  # the held-out evaluation's differ
     assert sum(m.startswith("Compiling jit(generate)") and rollout_prompts in m for m in compiles) == 1
     assert sum(m.startswith("Compiling jit(experience)") for m in compiles) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free RL (GRPO, RLOO) and rewards from code, in the same RL stage
+
+GRPO = dict(algorithm="grpo", group_size=4, kl_coef=0.1)
+
+
+def critic_free_config(run_dir, **ppo) -> config.RunConfig:
+    """4 prompts x a group of 4 per iteration: the 16 rollouts of 2 minibatches."""
+    return config.replace(small_configs(run_dir)["ppo"], train=dict(batch_size=4),
+                          ppo=dict(GRPO, minibatches=2) | ppo)
+
+
+def test_grpo_resumes_exactly_and_stores_no_value_model(finished_pipeline, tmp_path):
+    run_dir, _ = finished_pipeline
+    cfg = config.replace(critic_free_config(run_dir), train=dict(max_steps=4, ckpt_every=2, keep_checkpoints=5))
+    rlhf.ppo(cfg, tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    rlhf.ppo(cfg, tmp_path / "resumed")
+
+    def records(name):
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_metrics(tmp_path / name)]
+
+    straight = records("straight")
+    iterations = [r for r in straight if "proxy_reward" in r]
+    assert [r["step"] for r in iterations] == [1, 2, 3, 4]
+    assert all(r["reference_kl"] >= 0 and "value_loss" not in r and "explained_variance" not in r for r in iterations)
+    assert records("resumed") == straight
+    assert_trees_close(runs.load_trained(tmp_path / "resumed")[2], runs.load_trained(tmp_path / "straight")[2],
+                       rtol=0, atol=0)
+    # No value model is stored: the state (params and Adam's two moments) is the policy's alone,
+    # about half of a PPO state of the same models (policy and value).
+    def state_bytes(checkpoints):
+        step = max(checkpoints.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+        return sum(p.stat().st_size for p in (step / "state").rglob("*") if p.is_file())
+
+    ratio = state_bytes(tmp_path / "straight" / "checkpoints") / state_bytes(run_dir / "ppo" / "checkpoints")
+    assert 0.4 < ratio < 0.6, ratio
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_against_the_gold_checker(finished_pipeline, tmp_path, algorithm):
+    run_dir, _ = finished_pipeline
+    cfg = critic_free_config(run_dir, algorithm=algorithm, reward="gold", kl_coef=0.0 if algorithm == "grpo" else 0.1)
+    rlhf.ppo(cfg, tmp_path / "run")
+    iterations = [r for r in rundir.read_metrics(tmp_path / "run") if "proxy_reward" in r]
+    assert [r["step"] for r in iterations] == [1, 2]
+    for record in iterations:
+        assert record["proxy_reward"] == pytest.approx(record["gold_score"], abs=1e-6)
+        assert ("reference_kl" in record) is False  # grpo at kl_coef 0 computes no KL term; rloo has none
+
+
+REWARD_MODULE = '''
+def length(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+def short(prompts, responses):
+    return [1.0]
+
+def broken(prompts, responses):
+    raise RuntimeError("no scorer today")
+
+def infinite(prompts, responses):
+    return [float("inf")] * len(responses)
+'''
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)  # MODULE is imported from the working directory
+    monkeypatch.delitem(__import__("sys").modules, "my_rewards", raising=False)
+    return tmp_path
+
+
+def test_a_reward_function_of_code_scores_the_rollouts(finished_pipeline, reward_module):
+    run_dir, _ = finished_pipeline
+    cfg = critic_free_config(run_dir, reward="python:my_rewards:length")
+    rlhf.ppo(cfg, reward_module / "run")
+    iterations = [r for r in rundir.read_metrics(reward_module / "run") if "proxy_reward" in r]
+    # the score is each response's length in characters: at most max_new_tokens, and not all zero
+    assert all(0 < r["proxy_reward"] <= cfg.ppo.max_new_tokens for r in iterations)
+
+
+@pytest.mark.parametrize("function, message", [
+    ("python:no_such_module:f", "cannot import no_such_module (ModuleNotFoundError"),
+    ("python:my_rewards:missing", "my_rewards has no function missing"),
+    ("python:my_rewards", "expected python:MODULE:FUNCTION"),
+    ("python:my_rewards:short", "returned 1 score(s) of shape (1,) for 16 responses"),
+    ("python:my_rewards:broken", "failed: RuntimeError: no scorer today"),
+    ("python:my_rewards:infinite", "returned inf for response 0"),
+])
+def test_reward_function_errors_are_one_line(finished_pipeline, reward_module, capsys, function, message):
+    run_dir, _ = finished_pipeline
+    flags = ["--policy", run_dir / "sft", "--reward", function, "--run-dir", reward_module / "run",
+             "--model.n-layer", 2, "--model.n-head", 2, "--model.d-model", 32, "--model.context-len", 64,
+             "--train.batch-size", 4, "--train.max-steps", 1, "--train.no-progress", "--data.world-chats", 64,
+             "--ppo.algorithm", "grpo", "--ppo.group-size", 4, "--ppo.minibatches", 2, "--ppo.max-new-tokens", 8,
+             "--ppo.gold-prompts", 16]
+    code, _, err = run_cli(capsys, "ppo", *flags)
+    assert_one_error(code, err, f"--reward {function}", message)
+    checkpoints = reward_module / "run" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())  # no checkpoint touched

@@ -1,6 +1,7 @@
 """PPO (RLHF): GAE, whitening, the KL controller and estimators, and the clipped objective against
 hand computations; the rollout's `experience` against the sampler; one PPO train step under every
-strategy; the order prompts are drawn in."""
+strategy; the order prompts are drawn in. GRPO and RLOO: their advantages, objective, experience,
+groups and one step under every strategy."""
 
 from functools import partial
 
@@ -15,11 +16,12 @@ from genai_jax.config import UserError
 from genai_jax.evaluation import left_pad
 from genai_jax.metrics import summary
 from genai_jax.model import GPT, init_params
+from genai_jax.objectives.critic_free import group_advantages, leave_one_out_advantages, make_critic_free_objective
 from genai_jax.objectives.ppo import adaptive_kl_update, gae, kl_estimate, make_ppo_objective, masked_whiten
 from genai_jax.parallel import Mesh, Pmap, Single
 from genai_jax.optim import make_ppo_optimizer
-from genai_jax.rlhf import (Prompts, check_batches, experience, pack_minibatch, packed_rows, prompt_rows,
-                            response_mask)
+from genai_jax.rlhf import (Prompts, check_algorithm, check_batches, experience, pack_minibatch, packed_rows,
+                            prompt_rows, response_mask, rl_objective, update_order)
 from genai_jax.runs import make_ppo_init_fn
 from genai_jax.sampling import generate
 from genai_jax.train import make_train_step
@@ -560,3 +562,155 @@ def test_prompt_rows_visit_every_prompt_once_per_epoch(batch_size):
                                       stream[i * batch_size : (i + 1) * batch_size])
     other = np.concatenate([prompt_rows(prompts_n, batch_size, i, seed + 1) for i in range(iterations)])
     assert not np.array_equal(other, stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free RL: GRPO and RLOO
+
+
+def test_group_advantages_of_known_groups():
+    scores = jnp.array([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
+    first = np.array([1.0, 2.0, 3.0, 6.0])
+    centred = first - first.mean()
+    np.testing.assert_allclose(np.asarray(group_advantages(scores, 4))[:4], centred / (first.std() + 1e-4), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(group_advantages(scores, 4, scale=False))[:4], centred, rtol=1e-6)
+    for scale in (True, False):  # an all-equal group: nothing to learn, and no NaN
+        assert np.all(np.asarray(group_advantages(scores, 4, scale=scale))[4:] == 0)
+
+
+def test_leave_one_out_advantages():
+    rewards = jnp.array([1.0, 2.0, 6.0, 3.0, 3.0, 3.0])
+    expected = [1 - 4, 2 - 3.5, 6 - 1.5, 0, 0, 0]  # each minus the mean of its group's others
+    np.testing.assert_allclose(np.asarray(leave_one_out_advantages(rewards, 3)), expected, rtol=1e-6)
+    # = G / (G - 1) times the reward less the group mean
+    np.testing.assert_allclose(np.asarray(leave_one_out_advantages(rewards, 3))[:3], 1.5 * (np.array([1, 2, 6]) - 3),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.3])
+def test_critic_free_objective_matches_hand_computation(kl_coef):
+    params, batch, log_probs = stub_problem()
+    expected = hand_ppo(log_probs, value_coef=0.0, entropy_coef=0.01)
+    new_logprobs = batch["old_logprobs"] + np.log(RATIOS)
+    ref_logprobs = (new_logprobs - 0.5 * np.random.default_rng(1).standard_normal(RATIOS.shape)).astype(np.float32)
+    batch = {name: value for name, value in batch.items() if name not in ("old_values", "returns")}
+    batch["ref_logprobs"] = ref_logprobs * WEIGHTS
+    objective = make_critic_free_objective(stub_apply, clip_ratio=CLIP, kl_coef=kl_coef, entropy_coef=0.01,
+                                           temperature=TEMPERATURE)
+    loss, metrics = jax.jit(objective)({"policy": params["policy"]}, batch, None)
+    log_ratio = ref_logprobs.astype(np.float64) - new_logprobs  # log(pi_ref / pi)
+    k3 = float(np.sum((np.expm1(log_ratio) - log_ratio) * WEIGHTS) / WEIGHTS.sum())
+    np.testing.assert_allclose(float(loss), expected["loss"] + kl_coef * k3, rtol=1e-5)
+    for name in ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max"):
+        np.testing.assert_allclose(float(metrics[name]), expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert ("reference_kl" in metrics) == (kl_coef > 0)
+
+
+GROUP = 4
+
+
+def critic_free_run(**ppo) -> config.RunConfig:
+    return ppo_run(group_size=GROUP, **ppo)
+
+
+@pytest.mark.parametrize("algorithm, aggregation", [("grpo", "token"), ("grpo", "sequence"), ("rloo", "token")])
+def test_critic_free_experience(models, sampled, algorithm, aggregation):
+    """Advantages from the group's scores on every response token (RLOO's reward with its KL);
+    GRPO keeps the reference's log-probabilities for its loss; no value model anywhere."""
+    response, _, end_id, ppo_batch = sampled
+    cfg = critic_free_run(algorithm=algorithm, loss_aggregation=aggregation)
+    beta = 0.1
+    batch, stats = run_experience(models, response, cfg=cfg, end_id=end_id, ref="other", beta=beta)
+    assert "old_values" not in batch and "returns" not in batch and "explained_variance" not in stats
+    weights = ppo_batch["weights"]
+    np.testing.assert_array_equal(batch["old_logprobs"], ppo_batch["old_logprobs"])
+    reference, _ = run_experience(models, response, end_id=end_id, policy="other")
+    # The per-sequence scores are PPO's returns at the first action when the KL is zero.
+    plain, _ = run_experience(models, response, end_id=end_id)
+    first_action = PROMPT_LEN - 1
+    scores = plain["returns"][:, first_action]
+    if algorithm == "grpo":
+        expected = np.asarray(group_advantages(jnp.asarray(scores), GROUP))
+        np.testing.assert_allclose(batch["ref_logprobs"], reference["old_logprobs"], rtol=1e-6)
+    else:
+        sequence_kl = np.sum(ppo_batch["old_logprobs"] - reference["old_logprobs"], axis=1)
+        expected = np.asarray(leave_one_out_advantages(jnp.asarray(scores - beta * sequence_kl), GROUP))
+        assert "ref_logprobs" not in batch
+    np.testing.assert_allclose(batch["advantages"], expected[:, None] * weights, rtol=1e-4, atol=1e-5)
+    if aggregation == "sequence":
+        np.testing.assert_allclose(batch["weights"], weights / weights.sum(1, keepdims=True), rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(batch["weights"], weights)
+
+
+def test_group_samples_differ_and_stay_together_through_minibatching(models):
+    """The rollout repeats each prompt G times: the samples of a group differ (each row draws its
+    own tokens), and every epoch's order keeps a group's rows adjacent and whole."""
+    prompt, prompt_mask = prompts()
+    repeated = np.repeat(np.arange(2), GROUP)
+    response = np.asarray(generate(models["policy"], prompt[repeated], prompt_mask[repeated], jax.random.PRNGKey(3),
+                                   cfg=PPO_RUN.model, max_new_tokens=NEW_TOKENS, temperature=1.0))
+    for group in range(2):
+        assert len({tuple(row) for row in response[group * GROUP : (group + 1) * GROUP]}) == GROUP
+    for epoch in range(3):
+        order = update_order(4 * GROUP, GROUP, [0, 1, epoch])
+        assert sorted(order) == list(range(4 * GROUP))
+        for block in order.reshape(-1, GROUP):
+            assert block[0] % GROUP == 0 and list(block) == list(range(block[0], block[0] + GROUP))
+    assert not np.array_equal(update_order(4 * GROUP, GROUP, [0, 1, 0]), update_order(4 * GROUP, GROUP, [0, 1, 1]))
+    np.testing.assert_array_equal(update_order(8, 1, [0, 1, 0]), np.random.default_rng([0, 1, 0]).permutation(8))
+
+
+def test_critic_free_runs_have_no_value_model(models):
+    cfg = critic_free_run(algorithm="grpo")
+    state = jax.eval_shape(make_ppo_init_fn(cfg, models["policy"]))
+    assert set(state.params) == {"policy"}
+    assert check_batches(config.replace(cfg, ppo=dict(minibatches=2)), 4) == ROWS // 2 * GROUP
+    for bad, message in ((dict(group_size=1), "group-size to 2 or more"), (dict(kl_target=0.5), "grpo's KL is a loss term")):
+        with pytest.raises(UserError, match=message):
+            check_algorithm(config.replace(cfg, ppo=bad))
+
+
+def one_critic_free_step(strategy, models, batch, accum_steps: int = 1) -> tuple[dict, dict]:
+    cfg = critic_free_run(algorithm="grpo", kl_coef=0.2)
+    init_fn = make_ppo_init_fn(cfg, models["policy"])
+    abstract_state = jax.eval_shape(init_fn)
+    state = strategy.compile_init(init_fn, abstract_state)()
+    step = strategy.compile(make_train_step(rl_objective(cfg), make_ppo_optimizer(cfg), strategy.reduce, accum_steps),
+                            abstract_state)
+    state, metrics = step(state, strategy.place_batch(batch), jax.random.PRNGKey(2))
+    metrics = summary([strategy.metrics_to_host(metrics)])
+    return metrics, jax.tree.map(np.asarray, jax.device_get(strategy.state_to_host(state).params))
+
+
+@pytest.fixture(scope="module")
+def grpo_batch(models, sampled):
+    response, _, end_id, _ = sampled
+    batch, _ = run_experience(models, response, cfg=critic_free_run(algorithm="grpo", loss_aggregation="sequence"),
+                              end_id=end_id, ref="other")
+    rng = np.random.default_rng(0)  # old log-probs off the current policy's, so ratios clip
+    return dict(batch, old_logprobs=batch["old_logprobs"] + 0.3 * rng.standard_normal(batch["weights"].shape)
+                * (batch["weights"] > 0))
+
+
+@pytest.fixture(scope="module")
+def single_critic_free_step(models, grpo_batch):
+    return one_critic_free_step(Single(), models, grpo_batch)
+
+
+def test_critic_free_step_on_one_device(models, single_critic_free_step):
+    metrics, new_params = single_critic_free_step
+    assert set(new_params) == {"policy"} and metrics["reference_kl"] > 0 and 0 < metrics["clip_fraction"] < 1
+    assert max_change(new_params["policy"], models["policy"]) > 1e-4
+
+
+@pytest.mark.parametrize("make_strategy, accum_steps", cases(
+    "mesh", mesh=(Mesh, 1), pmap=(Pmap, 1), **{"mesh-fsdp2": (lambda: Mesh(fsdp=2), 1), "single-accum2": (Single, 2)}))
+def test_critic_free_step_matches_single_device(make_strategy, accum_steps, models, grpo_batch,
+                                                 single_critic_free_step):
+    metrics, new_params = one_critic_free_step(make_strategy(), models, grpo_batch, accum_steps)
+    expected_metrics, expected_params = single_critic_free_step
+    assert set(metrics) == set(expected_metrics)
+    for name in metrics:
+        np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    assert_trees_close(new_params, expected_params, rtol=1e-4, atol=1e-6)

@@ -101,6 +101,23 @@ def policy_and_values(apply_fn: Callable, params, batch: dict, temperature: floa
     return logits, values
 
 
+def clipped_surrogate(ratio: jax.Array, advantages: jax.Array, clip_ratio: float) -> jax.Array:
+    """Per token, PPO's clipped policy loss -min(rho A, clip(rho, 1 +- clip_ratio) A) (Schulman et al. 2017)."""
+    clipped_ratio = jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+    return -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
+
+
+def ratio_metrics(log_ratio: jax.Array, weights: jax.Array, mean: Callable, clip_ratio: float) -> dict:
+    """How far the updated policy is from the rollout's, over the weighted tokens."""
+    ratio = jnp.exp(log_ratio)
+    return {
+        "approx_kl": mean(jnp.expm1(log_ratio) - log_ratio),
+        "clip_fraction": mean((jnp.abs(ratio - 1.0) > clip_ratio).astype(jnp.float32)),
+        "ratio_mean": mean(ratio),
+        "ratio_max": jnp.max(jnp.where(weights > 0, ratio, 0.0)),
+    }
+
+
 def make_ppo_objective(apply_fn: Callable, *, clip_ratio: float = 0.2, clip_value: float = 0.2,
                        value_coef: float = 0.1, entropy_coef: float = 0.0, temperature: float = 1.0):
     """Clipped surrogate -min(rho A, clip(rho, 1 +- clip_ratio) A) plus value_coef times the clipped
@@ -118,10 +135,7 @@ def make_ppo_objective(apply_fn: Callable, *, clip_ratio: float = 0.2, clip_valu
 
         logprobs = action_logprobs(logits, batch["targets"], temperature)
         log_ratio = logprobs - batch["old_logprobs"]
-        ratio = jnp.exp(log_ratio)
-        advantages = batch["advantages"]
-        clipped_ratio = jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
-        policy_loss = mean(-jnp.minimum(ratio * advantages, clipped_ratio * advantages))
+        policy_loss = mean(clipped_surrogate(jnp.exp(log_ratio), batch["advantages"], clip_ratio))
 
         old_values, returns = batch["old_values"], batch["returns"]
         clipped_values = old_values + jnp.clip(values - old_values, -clip_value, clip_value)
@@ -133,11 +147,8 @@ def make_ppo_objective(apply_fn: Callable, *, clip_ratio: float = 0.2, clip_valu
             "policy_loss": policy_loss,
             "value_loss": value_loss,
             "entropy": mean(token_entropy),
-            "approx_kl": mean(jnp.expm1(log_ratio) - log_ratio),
-            "clip_fraction": mean((jnp.abs(ratio - 1.0) > clip_ratio).astype(jnp.float32)),
             "value_clip_fraction": mean((jnp.abs(values - old_values) > clip_value).astype(jnp.float32)),
-            "ratio_mean": mean(ratio),
-            "ratio_max": jnp.max(jnp.where(weights > 0, ratio, 0.0)),
+            **ratio_metrics(log_ratio, weights, mean, clip_ratio),
         }
 
     return objective
