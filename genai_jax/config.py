@@ -206,6 +206,9 @@ class PPOConfig:
     loss, only how much padding the step computes."""
     gold_prompts: int = GOLD_PROMPTS
     """Task world: held-out prompts for the gold score at each evaluation."""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT): add this times the LM loss on windows of pretraining text to every
+    update (0: off). The text is the corpus of the pretraining run the policy was fine-tuned from."""
 
     @property
     def has_value_model(self) -> bool:

@@ -40,15 +40,17 @@ from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
-from genai_jax.data import world
+from genai_jax.data import loader, sources, world
 from genai_jax.data.conversations import read_prompts_jsonl
 from genai_jax.evaluation import bucketed_len, left_pad, policy_gold
 from genai_jax.metrics import summary
 from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.critic_free import group_advantages, leave_one_out_advantages, make_critic_free_objective
+from genai_jax.objectives.lm import token_nll
 from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, explained_variance, gae, kl_estimate,
                                       make_ppo_objective, masked_whiten, policy_and_values)
+from genai_jax.objectives.ptx import make_ptx_objective
 from genai_jax.optim import make_ppo_optimizer
 from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, peak_record, report_memory, to_host
 from genai_jax.runs import final_record, load_trained, make_ppo_init_fn, open_run, restore_target
@@ -262,10 +264,56 @@ def check_batches(cfg: RunConfig, divisor: int) -> int:
     return rows
 
 
-def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer) -> dict[str, float]:
-    """Held-out gold score of the policy as PPO trains it, sampled at ppo.temperature and greedy."""
-    return policy_gold(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, cfg.ppo.max_new_tokens,
-                       cfg.ppo.temperature)
+class PretrainingText(NamedTuple):
+    """Windows of the corpus the policy was pretrained on: its training head (PPO-ptx's batches)
+    and fixed batches of its held-out tail (the alignment tax: the policy's LM loss there)."""
+    train: loader.TokenWindows
+    val_batches: list[dict[str, np.ndarray]]
+
+
+def load_pretraining_text(cfg: RunConfig, tokenizer: Tokenizer) -> PretrainingText | None:
+    """The pretraining text of the policy's lineage (`ppo.policy`'s train.init_from run), cut into
+    windows of model.context_len and split as that run split it; None when the lineage is gone
+    (then ppo.ptx_coef > 0 is refused)."""
+    base_dir = rundir.read_config(epath.Path(cfg.ppo.policy)).train.init_from
+    if not base_dir or not (epath.Path(base_dir) / rundir.CONFIG_FILE).exists():
+        if cfg.ppo.ptx_coef > 0:
+            raise UserError(f"ppo.ptx-coef needs the pretraining run --policy {cfg.ppo.policy} was fine-tuned "
+                            f"from (its train.init_from {base_dir!r} holds no {rundir.CONFIG_FILE})")
+        return None
+    base_data = rundir.read_config(epath.Path(base_dir)).data
+    length = cfg.model.context_len
+    train, val = loader.split_tokens(tokenizer.encode(sources.load_text(base_data)), base_data.val_fraction, length)
+    val_batches = []
+    if len(val):  # the same windows on every process and at every evaluation
+        val_windows = loader.TokenWindows(val, length)
+        val_batches = [ptx_batch(val_windows, cfg.train.batch_size, [cfg.data.seed + 1, b])
+                       for b in range(cfg.train.eval_batches)]
+    return PretrainingText(loader.TokenWindows(train, length), val_batches)
+
+
+def ptx_batch(windows: loader.TokenWindows, rows: int, seed) -> dict[str, np.ndarray]:
+    """`rows` windows of text drawn by `seed` (for training, a function of the update alone, so a
+    resumed run draws the same), under PPO-ptx's batch names."""
+    drawn = [windows[int(i)] for i in np.random.default_rng(seed).integers(len(windows), size=rows)]
+    return {f"ptx_{name}": np.stack([w[name] for w in drawn]) for name in ("inputs", "targets")}
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _lm_loss(params, inputs, targets, *, cfg):
+    return jnp.mean(token_nll(GPT(cfg).apply(params, inputs, deterministic=True, head="lm"), targets))
+
+
+def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer, text: PretrainingText | None
+                    ) -> dict[str, float]:
+    """Held-out gold score of the policy as PPO trains it, sampled at ppo.temperature and greedy,
+    and its LM loss on held-out pretraining text (`val_pretrain_loss`) where the lineage has it."""
+    record = policy_gold(cfg, policy_params, tokenizer, cfg.ppo.gold_prompts, cfg.ppo.max_new_tokens,
+                         cfg.ppo.temperature)
+    if text is not None and text.val_batches:
+        losses = [_lm_loss(policy_params, b["ptx_inputs"], b["ptx_targets"], cfg=cfg.model) for b in text.val_batches]
+        record["val_pretrain_loss"] = float(np.mean(losses))
+    return record
 
 
 def load_reward_function(spec: str) -> Callable:
@@ -459,11 +507,12 @@ def update_order(rows: int, group_size: int, seed) -> np.ndarray:
 
 
 def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig, iteration: int, key,
-                minibatch_rows: int):
+                minibatch_rows: int, text: PretrainingText | None = None):
     """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
     on every process, so the minibatches do not depend on the number of processes), one train step
     each: `steps.packed` on the minibatch packed (`pack_minibatch`) where it fits, else
-    `steps.unpacked`. Returns the state and the updates' metrics as one record
+    `steps.unpacked`; with ppo.ptx_coef > 0 each minibatch also carries `minibatch_rows` windows
+    of pretraining `text`. Returns the state and the updates' metrics as one record
     (`metrics.summary`), with the share of updates that ran packed."""
     updates, packed_updates = [], 0
     for epoch in range(cfg.ppo.epochs):
@@ -476,6 +525,8 @@ def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig
                 packed = pack_minibatch(minibatch, *steps.packed_shape)
                 if packed is not None:
                     minibatch, step_fn, packed_updates = packed, steps.packed, packed_updates + 1
+            if cfg.ppo.ptx_coef > 0:
+                minibatch |= ptx_batch(text.train, minibatch_rows, [cfg.data.seed, iteration, len(updates)])
             state, metrics = step_fn(state, strategy.place_global(minibatch), jax.random.fold_in(key, len(updates) + 1))
             updates.append(metrics)
     record = summary([strategy.metrics_to_host(metrics) for metrics in updates])
@@ -484,16 +535,19 @@ def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig
 
 def rl_objective(cfg: RunConfig):
     """The objective of `ppo.algorithm`: PPO's (policy and value), or the critic-free one (GRPO
-    with its KL term in the loss; RLOO, whose KL is in the reward)."""
+    with its KL term in the loss; RLOO, whose KL is in the reward); with the pretraining LM term
+    of PPO-ptx when ppo.ptx_coef > 0."""
     ppo = cfg.ppo
     apply_fn = GPT(cfg.model).apply
     if ppo.has_value_model:
-        return make_ppo_objective(apply_fn, clip_ratio=ppo.clip_ratio, clip_value=ppo.clip_value,
-                                  value_coef=ppo.value_coef, entropy_coef=ppo.entropy_coef,
-                                  temperature=ppo.temperature)
-    return make_critic_free_objective(apply_fn, clip_ratio=ppo.clip_ratio,
-                                      kl_coef=ppo.kl_coef if ppo.algorithm == "grpo" else 0.0,
-                                      entropy_coef=ppo.entropy_coef, temperature=ppo.temperature)
+        objective = make_ppo_objective(apply_fn, clip_ratio=ppo.clip_ratio, clip_value=ppo.clip_value,
+                                       value_coef=ppo.value_coef, entropy_coef=ppo.entropy_coef,
+                                       temperature=ppo.temperature)
+    else:
+        objective = make_critic_free_objective(apply_fn, clip_ratio=ppo.clip_ratio,
+                                               kl_coef=ppo.kl_coef if ppo.algorithm == "grpo" else 0.0,
+                                               entropy_coef=ppo.entropy_coef, temperature=ppo.temperature)
+    return make_ptx_objective(objective, apply_fn, ppo.ptx_coef) if ppo.ptx_coef > 0 else objective
 
 
 def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
@@ -506,6 +560,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     score_responses = host_scorer(cfg, prompts, tokenizer)
     strategy = make_strategy(cfg.train)
     minibatch_rows = check_batches(cfg, strategy.batch_divisor * jax.process_count())
+    text = load_pretraining_text(cfg, tokenizer)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
 
     init_fn = make_ppo_init_fn(cfg, *(None if p is None else jax.tree.map(jnp.array, p)
@@ -532,6 +587,8 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
     def compile_update(rows: int, width: int, program: str):
         example = {name: np.zeros((rows, width), x.dtype) for name, x in train_batch.items()}
+        if cfg.ppo.ptx_coef > 0:
+            example |= ptx_batch(text.train, minibatch_rows, [0])
         return compile_step(strategy, train_step, abstract_state,
                             example=(state, strategy.place_global(example), jax.random.PRNGKey(0)), program=program)
 
@@ -552,7 +609,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params), "prompts": len(prompts.tokens),
                       "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,
                       **peak_record("step_memory_mib", memory), **rollout_memory})
-        writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer)})
+        writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer, text)})
     show = cfg.train.progress and jax.process_index() == 0
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)
 
@@ -571,7 +628,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                         cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
                         end_id=end_id, pad_id=tokenizer.pad_id, score_responses=score_responses)
                 start = time.perf_counter()
-                state, updates = ppo_updates(state, batch, steps, strategy, cfg, iteration, key, minibatch_rows)
+                state, updates = ppo_updates(state, batch, steps, strategy, cfg, iteration, key, minibatch_rows, text)
                 iteration += 1
                 record = {"step": iteration, **stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer),
                           **updates, **timings, "train_s": time.perf_counter() - start}
@@ -581,7 +638,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                 bar.update(1)
                 bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
                 if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
-                    evaluation = evaluate_policy(cfg, host_policy(), tokenizer)
+                    evaluation = evaluate_policy(cfg, host_policy(), tokenizer, text)
                     if evaluation:
                         writer.write({"step": iteration, **evaluation})
                     if evaluation and jax.process_index() == 0:

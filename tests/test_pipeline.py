@@ -1,6 +1,7 @@
 """The whole recipe end to end (pretrain -> sft -> reward -> ppo) on a very small config, PPO's
 exact resume, and the errors of the ppo command."""
 
+import json
 import shutil
 
 import jax
@@ -175,9 +176,11 @@ def critic_free_config(run_dir, **ppo) -> config.RunConfig:
                           ppo=dict(GRPO, minibatches=2) | ppo)
 
 
-def test_grpo_resumes_exactly_and_stores_no_value_model(finished_pipeline, tmp_path):
+def test_grpo_ptx_resumes_exactly_and_stores_no_value_model(finished_pipeline, tmp_path):
+    """GRPO with PPO-ptx's pretraining term: its windows, too, are drawn again after a resume."""
     run_dir, _ = finished_pipeline
-    cfg = config.replace(critic_free_config(run_dir), train=dict(max_steps=4, ckpt_every=2, keep_checkpoints=5))
+    cfg = config.replace(critic_free_config(run_dir, ptx_coef=0.5),
+                         train=dict(max_steps=4, ckpt_every=2, keep_checkpoints=5))
     rlhf.ppo(cfg, tmp_path / "straight")
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
@@ -190,17 +193,18 @@ def test_grpo_resumes_exactly_and_stores_no_value_model(finished_pipeline, tmp_p
     iterations = [r for r in straight if "proxy_reward" in r]
     assert [r["step"] for r in iterations] == [1, 2, 3, 4]
     assert all(r["reference_kl"] >= 0 and "value_loss" not in r and "explained_variance" not in r for r in iterations)
+    assert all(r["ptx_loss"] > 0 for r in iterations)
+    assert [r["step"] for r in straight if "val_pretrain_loss" in r] == [0, 2, 4]
     assert records("resumed") == straight
     assert_trees_close(runs.load_trained(tmp_path / "resumed")[2], runs.load_trained(tmp_path / "straight")[2],
                        rtol=0, atol=0)
-    # No value model is stored: the state (params and Adam's two moments) is the policy's alone,
-    # about half of a PPO state of the same models (policy and value).
-    def state_bytes(checkpoints):
-        step = max(checkpoints.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
-        return sum(p.stat().st_size for p in (step / "state").rglob("*") if p.is_file())
+    # No value model is stored: every saved leaf (params, Adam's moments) is under the policy.
+    def saved_params(checkpoint):
+        paths = json.loads((checkpoint / "state" / "_METADATA").read_text())["tree_metadata"]
+        return {path.split(", ")[1] for path in paths if path.startswith("('params'")}
 
-    ratio = state_bytes(tmp_path / "straight" / "checkpoints") / state_bytes(run_dir / "ppo" / "checkpoints")
-    assert 0.4 < ratio < 0.6, ratio
+    assert saved_params(tmp_path / "straight" / "checkpoints" / "4") == {"'policy'"}
+    assert saved_params(run_dir / "ppo" / "checkpoints" / "2") == {"'policy'", "'value'"}  # PPO's has both
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
@@ -266,3 +270,19 @@ def test_reward_function_errors_are_one_line(finished_pipeline, reward_module, c
     assert_one_error(code, err, f"--reward {function}", message)
     checkpoints = reward_module / "run" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # no checkpoint touched
+
+
+def test_every_rl_run_logs_its_pretraining_loss_and_ptx_needs_the_lineage(finished_pipeline, tmp_path):
+    """The alignment tax: the policy's held-out LM loss on the pretraining text of its lineage, at
+    every evaluation of every algorithm (here PPO's own run); without the lineage, ptx is refused."""
+    run_dir, _ = finished_pipeline
+    evaluations = [r for r in rundir.read_metrics(run_dir / "ppo") if "val_gold_score" in r]
+    assert evaluations and all(np.isfinite(r["val_pretrain_loss"]) for r in evaluations)
+    orphan = tmp_path / "sft"
+    shutil.copytree(run_dir / "sft", orphan)
+    saved = rundir.read_config(orphan)
+    rundir.write_config(orphan, config.replace(saved, train=dict(init_from=str(tmp_path / "gone"))))
+    cfg = config.replace(small_configs(run_dir)["ppo"], ppo=dict(policy=str(orphan), ptx_coef=1.0))
+    with pytest.raises(config.UserError, match="ppo.ptx-coef needs the pretraining run"):
+        rlhf.ppo(cfg, tmp_path / "ppo")
+    assert not (tmp_path / "ppo").exists()

@@ -714,3 +714,48 @@ def test_critic_free_step_matches_single_device(make_strategy, accum_steps, mode
     for name in metrics:
         np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
     assert_trees_close(new_params, expected_params, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO-ptx: the RL loss plus the LM loss on pretraining windows, in one step
+
+
+def ptx_windows(rows: int = ROWS) -> dict:
+    tokens = random_tokens((rows, PPO_RUN.model.context_len + 1), seed=5)
+    return {"ptx_inputs": tokens[:, :-1], "ptx_targets": tokens[:, 1:]}
+
+
+def test_ptx_objective_adds_the_lm_loss(models, grpo_batch):
+    cfg = critic_free_run(algorithm="grpo", kl_coef=0.2, ptx_coef=0.7)
+    params = {"policy": models["policy"]}
+    windows = ptx_windows()
+    batch = dict(grpo_batch, loss_denominator=np.float32(grpo_batch["weights"].sum()))
+    loss, metrics = rl_objective(cfg)(params, batch | windows, None)
+    rl_loss, _ = rl_objective(config.replace(cfg, ppo=dict(ptx_coef=0.0)))(params, batch, None)
+    logits = np.asarray(GPT(cfg.model).apply(models["policy"], windows["ptx_inputs"]), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, windows["ptx_targets"][..., None], -1).mean()
+    np.testing.assert_allclose(float(metrics["ptx_loss"]), nll, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(rl_loss) + 0.7 * nll, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_strategy, accum_steps", cases(
+    "pmap", pmap=(Pmap, 1), mesh=(Mesh, 1), **{"single-accum2": (Single, 2)}))
+def test_ptx_step_matches_single_device(make_strategy, accum_steps, models, grpo_batch):
+    cfg = critic_free_run(algorithm="grpo", kl_coef=0.2, ptx_coef=0.7)
+
+    def step(strategy, accum):
+        init_fn = make_ppo_init_fn(cfg, models["policy"])
+        abstract_state = jax.eval_shape(init_fn)
+        state = strategy.compile_init(init_fn, abstract_state)()
+        train_step = make_train_step(rl_objective(cfg), make_ppo_optimizer(cfg), strategy.reduce, accum)
+        state, metrics = strategy.compile(train_step, abstract_state)(
+            state, strategy.place_batch(grpo_batch | ptx_windows()), jax.random.PRNGKey(2))
+        return summary([strategy.metrics_to_host(metrics)]), jax.device_get(strategy.state_to_host(state).params)
+
+    metrics, params = step(make_strategy(), accum_steps)
+    expected_metrics, expected_params = step(Single(), 1)
+    assert metrics["ptx_loss"] > 0
+    for name in expected_metrics:
+        np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    assert_trees_close(params, expected_params, rtol=1e-4, atol=1e-6)
