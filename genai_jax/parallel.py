@@ -9,6 +9,8 @@ maxima, over "data" under pmap).
 
 from __future__ import annotations
 
+import resource
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -66,6 +68,12 @@ TRAIN_STEP_ADVICE = "lower train.batch_size, raise optim.grad_accum or set model
 def peak_record(name: str, memory: dict[str, float] | None) -> dict[str, float]:
     """{name: peak MiB} for a metrics record, or {} where the backend reported no memory."""
     return {} if memory is None else {name: memory["peak"]}
+
+
+def host_peak_mib() -> float:
+    """This process's peak resident host memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def check_fits(memory: dict[str, float] | None, device, program: str = "the train step",

@@ -52,7 +52,8 @@ from genai_jax.objectives.ppo import (action_logprobs, adaptive_kl_update, expla
                                       make_ppo_objective, masked_whiten, policy_and_values)
 from genai_jax.objectives.ptx import make_ptx_objective
 from genai_jax.optim import make_ppo_optimizer
-from genai_jax.parallel import Mesh, compile_step, host_copy, make_strategy, peak_record, report_memory, to_host
+from genai_jax.parallel import (Mesh, compile_step, host_copy, host_peak_mib, make_strategy, peak_record, report_memory,
+                                to_host)
 from genai_jax.runs import final_record, load_trained, make_ppo_init_fn, open_run, restore_target
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
@@ -631,7 +632,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                 state, updates = ppo_updates(state, batch, steps, strategy, cfg, iteration, key, minibatch_rows, text)
                 iteration += 1
                 record = {"step": iteration, **stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer),
-                          **updates, **timings, "train_s": time.perf_counter() - start}
+                          **updates, **timings, "train_s": time.perf_counter() - start, "host_peak_mib": host_peak_mib()}
                 if cfg.ppo.kl_target > 0:
                     beta = adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon, len(rows))
                 writer.write(record)

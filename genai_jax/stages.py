@@ -32,7 +32,7 @@ from genai_jax.objectives.dpo import make_dpo_objective
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
-from genai_jax.parallel import compile_step, host_copy, make_strategy, peak_record, sync_processes, to_host
+from genai_jax.parallel import compile_step, host_copy, host_peak_mib, make_strategy, peak_record, sync_processes, to_host
 from genai_jax.runs import final_record, load_trained, open_run, restore_target, with_vocab
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer
@@ -269,6 +269,7 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
             if val_agrees is not None:
                 record["val_gold_accuracy"] = float(reward_lib.gold_accuracy(accuracy, val_agrees).mean())
         record |= policy_gold(cfg, params, tokenizer, cfg.dpo.gold_prompts, cfg.dpo.max_new_tokens, temperature=1.0)
+        record["host_peak_mib"] = host_peak_mib()
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
         writer.write({"step": cfg.train.max_steps, **record})
         writer.close()

@@ -40,7 +40,7 @@ configs = {stage: rundir.read_config(Path(configs_dir, stage)) for stage in pipe
 print("returned", sorted(pipeline.run_pipeline(configs, run_dir, gold_prompts=16)))
 """
 # Wall-clock measurements, which differ between any two runs.
-TIMINGS = ("tokens_per_s", "generate_s", "experience_s", "train_s", "generate_tokens_per_s")
+TIMINGS = ("tokens_per_s", "generate_s", "experience_s", "train_s", "generate_tokens_per_s", "host_peak_mib")
 TIMEOUT = 240  # seconds: a hung collective fails the test instead of blocking it
 
 

@@ -22,8 +22,8 @@ STAGE_CHANGES = {
     "ppo": dict(data=dict(world_chats=64), ppo=dict(epochs=2, minibatches=1, gold_prompts=16, max_new_tokens=8),
                 train=dict(batch_size=8, max_steps=2, eval_every=2, ckpt_every=2, progress=False)),
 }
-# Rollout timings differ between runs; everything else in a record must not.
-TIMINGS = ("generate_s", "experience_s", "train_s", "generate_tokens_per_s")
+# Rollout timings and the host memory peak differ between runs; everything else in a record must not.
+TIMINGS = ("generate_s", "experience_s", "train_s", "generate_tokens_per_s", "host_peak_mib")
 
 
 def small_configs(run_dir) -> dict[str, config.RunConfig]:
