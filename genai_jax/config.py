@@ -24,14 +24,28 @@ class ModelConfig:
     """Pad the vocabulary to a multiple of this (64 suits GPUs: GPT-2's 50257 becomes 50304)."""
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int = 0
+    """Key/value heads (grouped-query attention: each serves n_head / n_kv_head query heads); 0
+    means n_head (multi-head attention)."""
     d_model: int = 128
     context_len: int = 64
     mlp_ratio: int = 4
+    mlp_hidden: int = 0
+    """The MLP's hidden width; 0 derives it from mlp_ratio (for swiglu, 2/3 of it, see
+    `model.mlp_hidden`)."""
     dropout: float = 0.0
     bias: bool = False
+    """Biases in every dense layer and LayerNorm (GPT-2)."""
+    qkv_bias: bool = False
+    """Biases in the query, key and value projections even with `bias` off (Qwen2)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
     positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    """Rotary base: the frequencies are rope_theta ** (-2i / head_dim)."""
     mlp: Literal["gelu", "swiglu"] = "gelu"
+    gelu_approximate: bool = True
+    """gelu: the tanh approximation (GPT-2's `gelu_new`), or the exact erf form (false)."""
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype; parameters are always float32."""
@@ -47,6 +61,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads, refusing one that does not divide n_head."""
+        kv = self.n_kv_head or self.n_head
+        if self.n_head % kv:
+            raise UserError(f"model.n_kv_head={kv} does not divide model.n_head={self.n_head}")
+        return kv
 
 
 @dataclass(frozen=True)

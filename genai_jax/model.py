@@ -48,15 +48,21 @@ def einsum_attention(q, k, v, mask):
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
-def swiglu_hidden(cfg: ModelConfig) -> int:
-    """SwiGLU width: 2/3 of the GELU MLP's, so both have the same parameter count, rounded to 8."""
-    return int(math.ceil(2 * cfg.mlp_ratio * cfg.d_model / 3 / 8)) * 8
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """The MLP's hidden width: `mlp_hidden` when set; else mlp_ratio * d_model for GELU, and for
+    SwiGLU 2/3 of that, rounded up to 8, so both have the same parameter count."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        return int(math.ceil(2 * cfg.mlp_ratio * cfg.d_model / 3 / 8)) * 8
+    return cfg.mlp_ratio * cfg.d_model
 
 
-def rotate(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Rotary position embedding of x [B, T, H, D] at integer positions [B, T]."""
+def rotate(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary position embedding of x [B, T, H, D] at integer positions [B, T], in the
+    half-rotation layout (Hugging Face Llama's `rotate_half`): dimension i pairs with i + D/2."""
     half = x.shape[-1] // 2
-    freqs = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
     angles = positions.astype(jnp.float32)[:, :, None, None] * freqs
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -66,8 +72,8 @@ def rotate(x: jax.Array, positions: jax.Array) -> jax.Array:
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict[str, jax.Array]:
     """An empty KV cache for `max_len` positions: keys and values (one array per layer, so each
     updates in place), which slots hold real tokens (left padding stays invalid), and the next
-    slot to write."""
-    shape = (batch_size, max_len, cfg.n_head, cfg.head_dim)
+    slot to write. Grouped-query attention caches only its key/value heads."""
+    shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
     return {
         "k": tuple(jnp.zeros(shape, compute_dtype(cfg)) for _ in range(cfg.n_layer)),
         "v": tuple(jnp.zeros(shape, compute_dtype(cfg)) for _ in range(cfg.n_layer)),
@@ -76,10 +82,11 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> dict[str, jax
     }
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, std: float | None = None) -> nn.Dense:
+def _dense(cfg: ModelConfig, features: int, name: str, std: float | None = None,
+           bias: bool | None = None) -> nn.Dense:
     return nn.Dense(
         features,
-        use_bias=cfg.bias,
+        use_bias=cfg.bias if bias is None else bias,
         dtype=compute_dtype(cfg),
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(cfg.init_std if std is None else std),
@@ -89,8 +96,8 @@ def _dense(cfg: ModelConfig, features: int, name: str, std: float | None = None)
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(epsilon=1e-5, dtype=compute_dtype(cfg), name=name)
-    return nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=compute_dtype(cfg), name=name)
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=compute_dtype(cfg), name=name)
+    return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=compute_dtype(cfg), name=name)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -103,13 +110,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, layer_cache=None):
-        """x [B * T, C] (rows flattened, see GPT), positions [B, T]."""
+        """x [B * T, C] (rows flattened, see GPT), positions [B, T]. One fused projection gives
+        the query heads, then the key heads, then the value heads."""
         cfg = self.cfg
         batch, length = positions.shape
-        qkv = _dense(cfg, 3 * cfg.d_model, "qkv")(x)
-        q, k, v = jnp.split(qkv.reshape(batch, length, 3 * cfg.n_head, cfg.head_dim), 3, axis=2)
+        heads, kv_heads = cfg.n_head, cfg.kv_heads
+        qkv = _dense(cfg, (heads + 2 * kv_heads) * cfg.head_dim, "qkv", bias=cfg.bias or cfg.qkv_bias)(x)
+        qkv = qkv.reshape(batch, length, heads + 2 * kv_heads, cfg.head_dim)
+        q, k, v = jnp.split(qkv, [heads, heads + kv_heads], axis=2)
         if cfg.positions == "rope":
-            q, k = rotate(q, positions), rotate(k, positions)
+            q, k = rotate(q, positions, cfg.rope_theta), rotate(k, positions, cfg.rope_theta)
         new_cache = None
         if layer_cache is not None:
             cached_k, cached_v, index = layer_cache
@@ -118,7 +128,9 @@ class Attention(nn.Module):
             new_cache = (k, v)
         implementation = _attention_impl(cfg)
         if implementation == "einsum":
-            out = einsum_attention(q, k, v, mask)
+            # query head h reads key/value head h // group, as jax.nn.dot_product_attention does
+            group = heads // kv_heads
+            out = einsum_attention(q, jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2), mask)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
                                                implementation=implementation)
@@ -132,12 +144,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
+        hidden = mlp_hidden(cfg)
         if cfg.mlp == "swiglu":
-            hidden = swiglu_hidden(cfg)
             gate, up = jnp.split(_dense(cfg, 2 * hidden, "fc")(x), 2, axis=-1)
             x = nn.silu(gate) * up
         else:
-            x = nn.gelu(_dense(cfg, cfg.mlp_ratio * cfg.d_model, "fc")(x))
+            x = nn.gelu(_dense(cfg, hidden, "fc")(x), approximate=cfg.gelu_approximate)
         return _dense(cfg, cfg.d_model, "proj", std=_residual_std(cfg))(x)
 
 

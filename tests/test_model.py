@@ -17,6 +17,10 @@ ARCHITECTURES = {
     "rope-rmsnorm-swiglu-bias-untied": dict(
         positions="rope", norm="rmsnorm", mlp="swiglu", bias=True, tie_embeddings=False
     ),
+    "gqa-qkv-bias-exact-gelu": dict(
+        positions="rope", n_kv_head=1, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6, gelu_approximate=False,
+        mlp_hidden=24,
+    ),
 }
 
 
