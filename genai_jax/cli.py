@@ -11,6 +11,8 @@
     genai-jax eval --run DIR                 (gold score on held-out world prompts)
     genai-jax generate --run DIR --prompt TEXT | --prompts FILE.jsonl [--out OUT.jsonl]
     genai-jax chat --run DIR
+    genai-jax import-hf --from HF_MODEL_FOLDER --run-dir DIR   (a Hugging Face checkpoint as a run)
+    genai-jax export-hf --run DIR --out FOLDER                  (a run's policy for transformers)
 
 The preset supplies the defaults and tyro maps the remaining flags onto the frozen config
 dataclasses. This module is the only place that wires stages together.
@@ -137,6 +139,29 @@ class ScoreArgs:
     out: str = ""
     """JSONL to write the input lines with a "score" added (default: stdout)."""
     batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ImportHFArgs:
+    """Make a run directory of a local Hugging Face model folder (GPT-2, Llama, Qwen2: config.json,
+    model.safetensors or its sharded index, tokenizer.json); every stage's --init-from, ppo's
+    --policy, eval, generate and chat then take it."""
+
+    source: Annotated[str, tyro.conf.arg(name="from")]
+    """The Hugging Face model folder."""
+    run_dir: str
+    """The run directory to create (must be new or empty)."""
+
+
+@dataclass(frozen=True)
+class ExportHFArgs:
+    """Write a run's latest policy as a Hugging Face model folder (config.json, model.safetensors,
+    and the tokenizer files of a run with an hf tokenizer) that transformers' from_pretrained loads."""
+
+    run: str
+    """Run directory to export."""
+    out: str
+    """The folder to write (must be new or empty)."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +342,20 @@ def _answer_prompts_file(args: GenerateArgs, cfg, tokenizer, params) -> None:
     _write_jsonl([{"prompt": p, "response": r.text} for p, r in zip(prompts, responses)], args.out, "responses")
 
 
+def cmd_import_hf(argv: list[str]) -> None:
+    from genai_jax import hf
+
+    args = tyro.cli(ImportHFArgs, args=argv, prog="genai-jax import-hf")
+    hf.import_hf(args.source, args.run_dir)
+
+
+def cmd_export_hf(argv: list[str]) -> None:
+    from genai_jax import hf
+
+    args = tyro.cli(ExportHFArgs, args=argv, prog="genai-jax export-hf")
+    hf.export_hf(args.run, args.out)
+
+
 def cmd_sweep(argv: list[str]) -> None:
     from genai_jax import sweeps
 
@@ -346,6 +385,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "import-hf": cmd_import_hf,
+    "export-hf": cmd_export_hf,
     "sweep": cmd_sweep,
 }
 

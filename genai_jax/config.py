@@ -100,11 +100,14 @@ class DataConfig:
     """Pretraining: a text file or a folder of .txt files. SFT: a JSONL file. Overrides `source`."""
     tfds_split: str = "train"
     text_feature: str = "text"
-    tokenizer: Literal["char", "sentencepiece"] = "char"
+    tokenizer: Literal["char", "sentencepiece", "hf"] = "char"
+    """char, sentencepiece (trained on the corpus unless tokenizer_path is given), or hf: a Hugging
+    Face `tokenizer.json` (tokenizer_path: the file or its model folder)."""
     sp_vocab_size: int = 1024
     sp_model_type: Literal["bpe", "unigram"] = "bpe"
     tokenizer_path: str = ""
-    """An existing sentencepiece .model file to use instead of training one."""
+    """An existing sentencepiece .model file to use instead of training one; for hf, the
+    tokenizer.json file or the Hugging Face model folder holding it."""
     val_fraction: float = 0.1
     seq_len: int = 0
     """Training sequence length; 0 means the model's context length."""

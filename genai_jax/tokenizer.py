@@ -1,9 +1,11 @@
-"""Tokenizers: characters, or a sentencepiece model trained on the corpus. Both save into and load
-from a run directory (`tokenizer.json`, plus `tokenizer.model` for sentencepiece).
+"""Tokenizers: characters, a sentencepiece model trained on the corpus, or a Hugging Face model's
+own `tokenizer.json`. All save into and load from a run directory (`tokenizer.json`, plus
+`tokenizer.model` for sentencepiece, `hf_tokenizer.json` and the model's token settings for hf).
 
-Both reserve the same special tokens, which no text can spell: id 0 is padding, and the chat
-template's role and end-of-turn markers (used from SFT on) are in the vocabulary from pretraining
-on, so every stage of a pipeline shares one tokenizer.
+The first two reserve the same special tokens, which no text can spell: id 0 is padding, and the
+chat template's role and end-of-turn markers (used from SFT on) are in the vocabulary from
+pretraining on, so every stage of a pipeline shares one tokenizer. A Hugging Face tokenizer has
+the model's own special tokens instead (its end-of-sequence ids, `eos_ids`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end
 SPECIAL_TOKENS = (PAD, SYSTEM, USER, ASSISTANT, END)
 TOKENIZER_FILE = "tokenizer.json"
 SP_MODEL_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "hf_tokenizer.json"
+HF_TOKENIZER_CONFIG_FILE = "hf_tokenizer_config.json"
 
 
 class CharTokenizer:
@@ -151,13 +155,125 @@ class SentencePieceTokenizer:
         return self
 
 
-Tokenizer = CharTokenizer | SentencePieceTokenizer
+def _read_json(path: epath.Path) -> dict:
+    """A JSON file's object ({} when the file is absent), naming the file if it is not JSON."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def _token_ids(value, tokenizer) -> list[int]:
+    """Ids of a config's special-token value: an id, a list of ids, a token string, or a
+    serialized AddedToken ({"content": ...}); tokens the vocabulary lacks are left out."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [i for item in value for i in _token_ids(item, tokenizer)]
+    if isinstance(value, int):
+        return [value]
+    token_id = tokenizer.token_to_id(value["content"] if isinstance(value, dict) else value)
+    return [] if token_id is None else [token_id]
+
+
+def _unique(ids: list[int]) -> list[int]:
+    return list(dict.fromkeys(ids))
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` run by the `tokenizers` library, with the model's special
+    token ids: `eos_ids` (every end-of-sequence id the model, generation and tokenizer configs
+    name: a chat model may stop on several), `bos_id` and `pad_id`, which is the model's pad
+    token, else its first end-of-sequence token, else 0 (padding is always masked out).
+
+    Text is encoded without added special tokens (no BOS): the stages place the tokens they need.
+    Decoding is the tokenizer's own decoder, without transformers' optional space clean-up.
+    """
+
+    def __init__(self, tokenizer_json: str, special: dict, tokenizer_config: dict | None = None):
+        """`special`: {"eos_ids": [...], "bos_id": id or None, "pad_id": id or None};
+        `tokenizer_config`: the model's tokenizer_config.json, kept for export."""
+        from tokenizers import Tokenizer as RustTokenizer  # imported where used: other kinds never load it
+
+        self.tokenizer_json = tokenizer_json
+        self.tokenizer = RustTokenizer.from_str(tokenizer_json)
+        self.special = special
+        self.tokenizer_config = tokenizer_config
+
+    @classmethod
+    def from_path(cls, path: epath.Path) -> "HFTokenizer":
+        """The tokenizer of a Hugging Face model folder (or of a tokenizer.json file in one):
+        tokenizer.json, with the special tokens that config.json, generation_config.json and
+        tokenizer_config.json beside it name."""
+        folder = path if path.is_dir() else path.parent
+        path = folder / "tokenizer.json" if path.is_dir() else path
+        if not path.exists():
+            raise UserError(f"{path}: no such file (a Hugging Face fast tokenizer's tokenizer.json is needed)")
+        tokenizer = cls(path.read_text(), {}, _read_json(folder / "tokenizer_config.json") or None)
+        model, generation = _read_json(folder / "config.json"), _read_json(folder / "generation_config.json")
+        tok_config = tokenizer.tokenizer_config or {}
+        rust = tokenizer.tokenizer
+        ids = {
+            name: _unique(_token_ids(model.get(f"{name}_token_id"), rust)
+                          + _token_ids(generation.get(f"{name}_token_id"), rust)
+                          + _token_ids(tok_config.get(f"{name}_token"), rust))
+            for name in ("eos", "bos", "pad")
+        }
+        tokenizer.special = {"eos_ids": ids["eos"], "bos_id": (ids["bos"] or [None])[0],
+                             "pad_id": (ids["pad"] or [None])[0]}
+        return tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return list(self.special["eos_ids"])
+
+    @property
+    def pad_id(self) -> int:
+        if self.special["pad_id"] is not None:
+            return self.special["pad_id"]
+        return self.eos_ids[0] if self.eos_ids else 0
+
+    def special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise UserError(f"the Hugging Face tokenizer has no token {token!r} (this project's chat template "
+                            "needs it; chat templates of Hugging Face models are not supported yet)")
+        return token_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+    def save(self, directory: epath.Path) -> "HFTokenizer":
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / HF_TOKENIZER_FILE).write_text(self.tokenizer_json)
+        spec = {"type": "hf", "model": HF_TOKENIZER_FILE, **self.special}
+        if self.tokenizer_config is not None:
+            (directory / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps(self.tokenizer_config, indent=2))
+            spec["config"] = HF_TOKENIZER_CONFIG_FILE
+        (directory / TOKENIZER_FILE).write_text(json.dumps(spec))
+        return self
+
+
+Tokenizer = CharTokenizer | SentencePieceTokenizer | HFTokenizer
 
 
 def build_tokenizer(cfg: DataConfig, text: str, directory: epath.Path) -> Tokenizer:
     """A tokenizer for `text` as the data config asks, saved into `directory`."""
     if cfg.tokenizer == "char":
         tokenizer = CharTokenizer.build(text)
+    elif cfg.tokenizer == "hf":
+        if not cfg.tokenizer_path:
+            raise UserError("data.tokenizer=hf needs data.tokenizer_path (a tokenizer.json or a Hugging Face model folder)")
+        tokenizer = HFTokenizer.from_path(epath.Path(cfg.tokenizer_path))
     elif cfg.tokenizer_path:
         model_file = epath.Path(cfg.tokenizer_path)
         if not model_file.is_file():
@@ -175,6 +291,10 @@ def load_tokenizer(directory: epath.Path) -> Tokenizer:
     spec = json.loads(path.read_text())
     if spec["type"] == "char":
         return CharTokenizer(spec["chars"])
+    if spec["type"] == "hf":
+        config = json.loads((directory / spec["config"]).read_text()) if "config" in spec else None
+        special = {name: spec[name] for name in ("eos_ids", "bos_id", "pad_id")}
+        return HFTokenizer((directory / spec["model"]).read_text(), special, config)
     return SentencePieceTokenizer((directory / spec["model"]).read_bytes())
 
 

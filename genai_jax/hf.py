@@ -1,0 +1,468 @@
+"""Hugging Face checkpoints in and out: `import_hf` turns a local model folder (GPT-2, Llama,
+Qwen2) into an ordinary run directory, `export_hf` writes a run's policy as a folder that
+`transformers` loads.
+
+Both directions go through one table per family, `links`: each of this model's parameters with
+the checkpoint tensors it is made of and the two functions between them (transpose a
+`torch.nn.Linear` weight, fuse q|k|v or gate|up into one kernel, split them again). The model
+config comes from config.json field by field (`model_config`), refusing any field this model
+cannot express; see docs/hf.md.
+
+Rotary embeddings need no permutation: `model.rotate` uses Hugging Face Llama's half-rotation
+layout (dimension i pairs with i + head_dim / 2) and the same frequencies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from genai_jax import rundir
+from genai_jax.checkpoint import Checkpointer
+from genai_jax.config import DataConfig, ModelConfig, RunConfig, UserError
+from genai_jax.distributed import say
+from genai_jax.model import init_params, mlp_hidden
+from genai_jax.optim import make_optimizer
+from genai_jax.parallel import host_peak_mib
+from genai_jax.runs import load_trained, with_vocab
+from genai_jax.tokenizer import HFTokenizer
+from genai_jax.train import make_init_fn
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+FAMILIES = ("gpt2", "llama", "qwen2")
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+class _Fields:
+    """The fields of a config.json, each read with its family's default; `where` names the file
+    in errors."""
+
+    def __init__(self, hf: dict, where: str, defaults: dict):
+        self.hf, self.where, self.defaults = hf, where, defaults
+
+    def __getitem__(self, name: str):
+        if name in self.hf and self.hf[name] is not None:
+            return self.hf[name]
+        if name in self.defaults:
+            return self.defaults[name]
+        raise UserError(f"{self.where}: no {name}")
+
+    def require(self, name: str, ok: bool, why: str) -> None:
+        if not ok:
+            raise UserError(f"{self.where}: {name}={self.hf.get(name, self.defaults.get(name))!r} is not supported ({why})")
+
+
+# The defaults of transformers' config classes, for fields a config.json may leave out.
+_GPT2_DEFAULTS = {"n_inner": None, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
+                  "tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                  "add_cross_attention": False, "initializer_range": 0.02}
+_LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
+                   "mlp_bias": False, "head_dim": None, "num_key_value_heads": None, "rope_theta": 10000.0,
+                   "rope_scaling": None, "rope_parameters": None, "initializer_range": 0.02,
+                   "use_sliding_window": False, "layer_types": None, "max_position_embeddings": 2048}
+_GELU = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}
+
+
+def _gpt2_config(f: _Fields) -> ModelConfig:
+    d_model = f["n_embd"]
+    f.require("activation_function", f["activation_function"] in _GELU, f"one of {', '.join(_GELU)}")
+    f.require("scale_attn_weights", f["scale_attn_weights"], "attention is always scaled by 1/sqrt(head_dim)")
+    f.require("scale_attn_by_inverse_layer_idx", not f["scale_attn_by_inverse_layer_idx"], "no per-layer scaling")
+    f.require("add_cross_attention", not f["add_cross_attention"], "decoder-only")
+    return ModelConfig(
+        vocab_size=f["vocab_size"], n_layer=f["n_layer"], n_head=f["n_head"], d_model=d_model,
+        context_len=f.hf.get("n_positions") or f["n_ctx"], mlp_hidden=f["n_inner"] or 4 * d_model, bias=True,
+        norm="layernorm", norm_eps=f["layer_norm_epsilon"], positions="learned", mlp="gelu",
+        gelu_approximate=_GELU[f["activation_function"]], tie_embeddings=f["tie_word_embeddings"],
+        init_std=f["initializer_range"],
+    )
+
+
+def _rope_theta(f: _Fields) -> float:
+    """The rotary base, refusing any rope scaling: `rope_scaling` (transformers 4) or
+    `rope_parameters` (transformers 5) must be absent or of the default type."""
+    for name in ("rope_scaling", "rope_parameters"):
+        scaling = f[name] or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        f.require(name, kind == "default", f"rope type {kind!r}: only unscaled rotary embeddings are implemented")
+    return float((f["rope_parameters"] or {}).get("rope_theta", f["rope_theta"]))
+
+
+def _llama_config(f: _Fields, family: str) -> ModelConfig:
+    d_model, heads = f["hidden_size"], f["num_attention_heads"]
+    f.require("hidden_act", f["hidden_act"] == "silu", "SwiGLU uses silu")
+    f.require("head_dim", f["head_dim"] in (None, d_model // heads), "head_dim must be hidden_size / num_attention_heads")
+    f.require("use_sliding_window", not f["use_sliding_window"], "attention is always full")
+    f.require("layer_types", set(f["layer_types"] or ["full_attention"]) == {"full_attention"},
+              "attention is always full")
+    if family == "qwen2":  # Qwen2 has biases on q, k and v only
+        bias, qkv_bias = False, True
+    else:  # Llama's attention_bias covers o_proj too, which shares this model's `bias` with the MLP
+        f.require("mlp_bias", f["mlp_bias"] == f["attention_bias"], "mlp_bias must equal attention_bias")
+        bias = qkv_bias = f["attention_bias"]
+    return ModelConfig(
+        vocab_size=f["vocab_size"], n_layer=f["num_hidden_layers"], n_head=heads,
+        n_kv_head=f["num_key_value_heads"] or heads, d_model=d_model, context_len=f["max_position_embeddings"],
+        mlp_hidden=f["intermediate_size"], bias=bias, qkv_bias=qkv_bias, norm="rmsnorm", norm_eps=f["rms_norm_eps"],
+        positions="rope", rope_theta=_rope_theta(f), mlp="swiglu", tie_embeddings=f["tie_word_embeddings"],
+        init_std=f["initializer_range"],
+    )
+
+
+def model_config(hf: dict, where: str) -> tuple[str, ModelConfig]:
+    """(family, ModelConfig) of a Hugging Face config.json's contents; `where` names the file."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"{where}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    if family == "gpt2":
+        cfg = _gpt2_config(_Fields(hf, where, _GPT2_DEFAULTS))
+    else:
+        cfg = _llama_config(_Fields(hf, where, _LLAMA_DEFAULTS), family)
+    cfg.kv_heads  # noqa: B018  (refuses heads that do not divide)
+    return family, cfg
+
+
+def export_family(cfg: ModelConfig, where: str) -> str:
+    """The Hugging Face family that expresses `cfg` exactly: gpt2 (learned positions, LayerNorm,
+    GELU; missing biases export as zeros), llama or qwen2 (rotary, RMSNorm, SwiGLU)."""
+    shape = (cfg.positions, cfg.norm, cfg.mlp)
+    if shape == ("learned", "layernorm", "gelu"):
+        if cfg.kv_heads != cfg.n_head:
+            raise UserError(f"{where}: model.n_kv_head={cfg.n_kv_head} cannot be exported (gpt2 has no grouped-query attention)")
+        return "gpt2"
+    if shape == ("rope", "rmsnorm", "swiglu"):
+        return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
+    raise UserError(f"{where}: model.positions={cfg.positions}, model.norm={cfg.norm}, model.mlp={cfg.mlp} match no "
+                    "exportable architecture (gpt2: learned, layernorm, gelu; llama, qwen2: rope, rmsnorm, swiglu)")
+
+
+def _token_fields(tokenizer) -> dict:
+    """config.json's bos/eos/pad ids of an HF tokenizer (eos a list when there are several)."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return {}
+    eos = tokenizer.eos_ids
+    return {"bos_token_id": tokenizer.special["bos_id"], "pad_token_id": tokenizer.special["pad_id"],
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None)}
+
+
+def hf_config(family: str, cfg: ModelConfig, tokenizer) -> dict:
+    """The config.json of `cfg` exported as `family` (written in transformers 4's field names,
+    which transformers 5 reads too)."""
+    common = {"model_type": family, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "initializer_range": cfg.init_std, "torch_dtype": "float32", **_token_fields(tokenizer)}
+    if family == "gpt2":
+        return common | {
+            "architectures": ["GPT2LMHeadModel"], "n_positions": cfg.context_len, "n_ctx": cfg.context_len,
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": mlp_hidden(cfg),
+            "activation_function": "gelu_new" if cfg.gelu_approximate else "gelu",
+            "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+            "attn_pdrop": 0.0,
+        }
+    config = common | {
+        "architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
+        "hidden_size": cfg.d_model, "intermediate_size": mlp_hidden(cfg), "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
+        "max_position_embeddings": cfg.context_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": None, "hidden_act": "silu", "attention_dropout": 0.0,
+    }
+    if family == "qwen2":
+        return config | {"use_sliding_window": False, "sliding_window": None}
+    return config | {"head_dim": cfg.head_dim, "attention_bias": cfg.bias, "mlp_bias": cfg.bias}
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters <-> checkpoint tensors
+
+
+@dataclass(frozen=True)
+class Link:
+    """One of this model's parameters (`path` in the param tree) and the checkpoint tensors it is
+    made of (`names`): `fuse` makes the parameter from them, `split` gives them back."""
+
+    path: tuple[str, ...]
+    names: tuple[str, ...]
+    fuse: Callable
+    split: Callable
+
+
+def _same(path, name) -> Link:
+    return Link(path, (name,), lambda xs: xs[0], lambda x: [x])
+
+
+def _linear(path, name) -> Link:
+    """A torch.nn.Linear weight [out, in]: this model's kernel is its transpose."""
+    return Link(path, (name,), lambda xs: xs[0].T, lambda x: [x.T])
+
+
+def _fused(path, names, sizes, transpose: bool) -> Link:
+    """Tensors side by side along the output axis (q|k|v, gate|up), transposed first if Linear."""
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    orient = (lambda x: x.T) if transpose else (lambda x: x)
+    return Link(path, tuple(names), lambda xs: jnp.concatenate([orient(x) for x in xs], axis=-1),
+                lambda x: [orient(part) for part in jnp.split(x, cuts, axis=-1)])
+
+
+def _gpt2_links(cfg: ModelConfig, prefix: str) -> list[Link]:
+    """GPT-2: Conv1D weights are stored [in, out] like this model's kernels; c_attn is q|k|v."""
+    links = [_same(("wte",), f"{prefix}wte.weight"), _same(("wpe",), f"{prefix}wpe.weight"),
+             _same(("ln_f", "scale"), f"{prefix}ln_f.weight"), _same(("ln_f", "bias"), f"{prefix}ln_f.bias")]
+    for i in range(cfg.n_layer):
+        h = f"{prefix}h.{i}."
+        for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
+            links += [_same((f"h_{i}", ours, "scale"), f"{h}{theirs}.weight"),
+                      _same((f"h_{i}", ours, "bias"), f"{h}{theirs}.bias")]
+        for ours, theirs in (("attn", "qkv"), "attn.c_attn"), (("attn", "proj"), "attn.c_proj"), \
+                            (("mlp", "fc"), "mlp.c_fc"), (("mlp", "proj"), "mlp.c_proj"):
+            links += [_same((f"h_{i}", *ours, "kernel"), f"{h}{theirs}.weight"),
+                      _same((f"h_{i}", *ours, "bias"), f"{h}{theirs}.bias")]
+    if not cfg.tie_embeddings:
+        links.append(_linear(("lm_head", "kernel"), "lm_head.weight"))
+    return links
+
+
+def _llama_links(cfg: ModelConfig, prefix: str) -> list[Link]:
+    """Llama and Qwen2: Linear weights [out, in]; q, k, v fuse into qkv and gate, up into fc."""
+    qkv_sizes = [cfg.n_head * cfg.head_dim] + 2 * [cfg.kv_heads * cfg.head_dim]
+    hidden = mlp_hidden(cfg)
+    links = [_same(("wte",), f"{prefix}embed_tokens.weight"), _same(("ln_f", "scale"), f"{prefix}norm.weight")]
+    for i in range(cfg.n_layer):
+        h = f"{prefix}layers.{i}."
+        qkv = [f"{h}self_attn.{p}_proj" for p in "qkv"]
+        fc = [f"{h}mlp.gate_proj", f"{h}mlp.up_proj"]
+        links += [
+            _same((f"h_{i}", "ln_1", "scale"), f"{h}input_layernorm.weight"),
+            _same((f"h_{i}", "ln_2", "scale"), f"{h}post_attention_layernorm.weight"),
+            _fused((f"h_{i}", "attn", "qkv", "kernel"), [n + ".weight" for n in qkv], qkv_sizes, True),
+            _linear((f"h_{i}", "attn", "proj", "kernel"), f"{h}self_attn.o_proj.weight"),
+            _fused((f"h_{i}", "mlp", "fc", "kernel"), [n + ".weight" for n in fc], [hidden, hidden], True),
+            _linear((f"h_{i}", "mlp", "proj", "kernel"), f"{h}mlp.down_proj.weight"),
+        ]
+        if cfg.bias or cfg.qkv_bias:
+            links.append(_fused((f"h_{i}", "attn", "qkv", "bias"), [n + ".bias" for n in qkv], qkv_sizes, False))
+        if cfg.bias:
+            links += [_same((f"h_{i}", "attn", "proj", "bias"), f"{h}self_attn.o_proj.bias"),
+                      _fused((f"h_{i}", "mlp", "fc", "bias"), [n + ".bias" for n in fc], [hidden, hidden], False),
+                      _same((f"h_{i}", "mlp", "proj", "bias"), f"{h}mlp.down_proj.bias")]
+    if not cfg.tie_embeddings:
+        links.append(_linear(("lm_head", "kernel"), "lm_head.weight"))
+    return links
+
+
+def links(family: str, cfg: ModelConfig, prefix: str) -> list[Link]:
+    """Every parameter of `cfg`'s LM with its checkpoint tensors, whose names start with `prefix`
+    (`transformer.` or `model.` in a ...ForCausalLM checkpoint, empty in a bare model's)."""
+    return (_gpt2_links if family == "gpt2" else _llama_links)(cfg, prefix)
+
+
+# Tensors a checkpoint may hold that are no parameters: old GPT-2 files store the causal mask,
+# old Llama files the rotary frequencies.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def _prefix(family: str, names) -> str:
+    if family == "gpt2":
+        return "transformer." if "transformer.wte.weight" in names else ""
+    return "model." if "model.embed_tokens.weight" in names else ""
+
+
+def _abstract_params(cfg: ModelConfig) -> dict:
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), head="lm"))["params"]
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a model folder
+
+
+def tensor_files(folder: epath.Path) -> dict[str, epath.Path]:
+    """{tensor name: safetensors file} of a model folder, sharded (model.safetensors.index.json)
+    or not; only the files' headers are read."""
+    index = folder / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise UserError(f"{index}: not a safetensors index ({err})") from None
+        for file in sorted(set(weight_map.values())):
+            if not (folder / file).exists():
+                raise UserError(f"{index}: shard {file} does not exist")
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / SAFETENSORS_FILE
+    if not single.exists():
+        raise UserError(f"{folder}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} (only safetensors checkpoints are read)")
+    with safe_open(os.fspath(single), framework="numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def _shapes(files: dict[str, epath.Path]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the safetensors headers (no data is read)."""
+    shapes = {}
+    for file in sorted(set(files.values())):
+        with safe_open(os.fspath(file), framework="numpy") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def check_tensors(family: str, cfg: ModelConfig, files: dict[str, epath.Path], folder: epath.Path) -> list[Link]:
+    """The links of `cfg`, once every tensor they need is there with the shape `cfg` implies and
+    no tensor is left over (but buffers, and a tied model's redundant lm_head.weight)."""
+    shapes = _shapes(files)
+    table = links(family, cfg, _prefix(family, shapes))
+    abstract = _abstract_params(cfg)
+    for link in table:
+        expected = jax.eval_shape(link.split, _get(abstract, link.path))
+        for name, want in zip(link.names, expected):
+            if name not in shapes:
+                raise UserError(f"{folder}: tensor {name} is missing from the checkpoint")
+            if shapes[name] != want.shape:
+                raise UserError(f"{files[name]}: tensor {name} has shape {list(shapes[name])}, "
+                                f"config.json implies {list(want.shape)}")
+    used = {name for link in table for name in link.names}
+    for name in shapes:
+        ignorable = name.endswith(_BUFFER_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings)
+        if name not in used and not ignorable:
+            raise UserError(f"{files[name].name}: tensor {name} has no place in a {family} language model")
+    return table
+
+
+def read_params(table: list[Link], files: dict[str, epath.Path]) -> dict:
+    """The param tree, read tensor by tensor (each converted to float32 as it is placed, so the
+    checkpoint never sits in memory whole beside the params)."""
+    params: dict = {}
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(os.fspath(file), framework="flax"))
+                   for file in sorted(set(files.values()))}
+        for link in table:
+            parts = [jnp.asarray(handles[files[name]].get_tensor(name), jnp.float32) for name in link.names]
+            _set(params, link.path, link.fuse(parts))
+    return {"params": params}
+
+
+def _read_config(folder: epath.Path) -> dict:
+    path = folder / rundir.CONFIG_FILE
+    if not folder.is_dir():
+        raise UserError(f"--from {folder}: no such folder")
+    if not path.exists():
+        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def _check_empty(directory: epath.Path, flag: str) -> None:
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"{flag} {directory} is not empty; choose a new directory")
+
+
+def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
+    """Make `run_dir` a run directory holding the Hugging Face model in `folder`: its config as
+    this project's (model section from config.json, data.tokenizer=hf), its tokenizer, and a step-0
+    checkpoint (the params, a fresh optimizer state) that every stage and command loads. Every
+    check runs before anything is written. Returns the import's record (also in metrics.jsonl)."""
+    start = time.perf_counter()
+    folder, run_dir = epath.Path(folder), epath.Path(run_dir)
+    family, model_cfg = model_config(_read_config(folder), str(folder / rundir.CONFIG_FILE))
+    tokenizer = HFTokenizer.from_path(folder)
+    cfg = with_vocab(RunConfig(model=model_cfg, data=DataConfig(tokenizer="hf", tokenizer_path=os.fspath(folder))),
+                     tokenizer)
+    files = tensor_files(folder)
+    table = check_tensors(family, model_cfg, files, folder)
+    _check_empty(run_dir, "--run-dir")
+
+    params = read_params(table, files)
+    state = make_init_fn(lambda _: params, make_optimizer(cfg.optim, cfg.train.max_steps), cfg.train.seed)()
+    rundir.write_config(run_dir, cfg)
+    tokenizer.save(run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    checkpointer.save(0, state, {})
+    checkpointer.close()
+    record = {"step": 0, "imported_from": os.fspath(folder), "family": family,
+              "n_params": sum(x.size for x in jax.tree.leaves(params)),
+              "import_seconds": time.perf_counter() - start, "host_peak_mib": host_peak_mib()}
+    writer = rundir.MetricsWriter(run_dir)
+    writer.write(record)
+    writer.close()
+    say(f"imported {family} ({record['n_params']:,} params) from {folder} into {run_dir} in "
+        f"{record['import_seconds']:.1f} s; host memory peak {record['host_peak_mib']:.0f} MiB")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# writing a model folder
+
+
+def _zero_filled(params: dict, export_cfg: ModelConfig) -> dict:
+    """The param tree `params` (under "params") with every parameter of `export_cfg` it lacks as
+    zeros: the biases of a model without them (the same function as zero biases)."""
+    filled = jax.tree.map(lambda x: x, params)
+    present = {path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_abstract_params(export_cfg))[0]:
+        if path not in present:
+            _set(filled, tuple(k.key for k in path), jnp.zeros(leaf.shape, leaf.dtype))
+    return filled
+
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json of an HF tokenizer (none for the other kinds)."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return {}
+    config = tokenizer.tokenizer_config or {"tokenizer_class": "PreTrainedTokenizerFast"}
+    return {"tokenizer.json": tokenizer.tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Write a run's latest policy into the folder `out` as a Hugging Face causal LM:
+    config.json, model.safetensors (float32) and, for a run with an hf tokenizer, its
+    tokenizer.json and tokenizer_config.json. Returns {"family", "out", "files"}."""
+    run_dir, out = epath.Path(run_dir), epath.Path(out)
+    cfg = rundir.read_config(run_dir)
+    if cfg.model.head != "lm" and not cfg.ppo.policy:
+        raise UserError(f"{run_dir}: model.head={cfg.model.head}: only language models (policies) can be exported")
+    family = export_family(cfg.model, str(run_dir))
+    _check_empty(out, "--out")
+    cfg, tokenizer, params = load_trained(run_dir)
+    export_cfg = dataclasses.replace(cfg.model, bias=True) if family == "gpt2" else cfg.model
+    params = _zero_filled(params["params"], export_cfg)
+    prefix = "transformer." if family == "gpt2" else "model."
+    tensors = {}
+    for link in links(family, export_cfg, prefix):
+        tensors.update(zip(link.names, (np.asarray(x, np.float32) for x in link.split(_get(params, link.path)))))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / rundir.CONFIG_FILE).write_text(json.dumps(hf_config(family, export_cfg, tokenizer), indent=2))
+    save_file(tensors, os.fspath(out / SAFETENSORS_FILE), metadata={"format": "pt"})
+    written = [rundir.CONFIG_FILE, SAFETENSORS_FILE]
+    for name, text in _tokenizer_files(tokenizer).items():
+        (out / name).write_text(text)
+        written.append(name)
+    if not isinstance(tokenizer, HFTokenizer):
+        say(f"{run_dir}'s {cfg.data.tokenizer} tokenizer has no Hugging Face form: only the model was written")
+    say(f"exported {run_dir} as {family} into {out}: {', '.join(written)}")
+    return {"family": family, "out": os.fspath(out), "files": written}

@@ -1,0 +1,239 @@
+"""Hugging Face checkpoints in and out (`genai_jax.hf`), against `transformers` itself: tiny random
+GPT-2, Llama (grouped-query attention at 1 and 2 key/value heads, tied and untied) and Qwen2
+(q/k/v biases) models saved with a `tokenizers` BPE tokenizer; no download."""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import assert_one_error, assert_trees_close, init, run_cli, tiny_model
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from genai_jax import hf, rundir, runs
+from genai_jax.checkpoint import Checkpointer
+from genai_jax.config import RunConfig, UserError
+from genai_jax.model import GPT, init_cache
+from genai_jax.optim import make_optimizer
+from genai_jax.sampling import generate
+from genai_jax.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
+from genai_jax.train import make_init_fn
+
+VOCAB = 300  # the model's vocabulary: the tokenizer's 262 tokens, padded as real checkpoints are
+TEXT = "the quick brown fox jumps over the lazy dog; hello world, hello fox!\n"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+ARCHITECTURES = {
+    "gpt2": ("gpt2", dict(n_layer=2, n_head=2, n_embd=16, n_positions=32, n_inner=24)),
+    "llama-kv1-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama-kv2-untied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5)),
+    "qwen2-bias-untied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+LLAMA_SHAPE = dict(hidden_size=16, num_attention_heads=4, num_hidden_layers=2, intermediate_size=40,
+                   max_position_embeddings=32, rope_theta=500.0)
+CLASSES = {"gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+           "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+
+
+def bpe_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on TEXT, with three special tokens (ids 0-2)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=262, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([TEXT] * 10, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                                additional_special_tokens=SPECIALS[1:])
+
+
+def save_model(name: str, folder, **config_overrides) -> torch.nn.Module:
+    """A random `name` model of ARCHITECTURES saved with the BPE tokenizer into `folder`. Weights
+    are N(0, 0.3): large enough that every layer moves the logits."""
+    family, shape = ARCHITECTURES[name]
+    config_cls, model_cls = CLASSES[family]
+    shape = shape if family == "gpt2" else LLAMA_SHAPE | shape
+    config = config_cls(**dict(vocab_size=VOCAB, eos_token_id=0, bos_token_id=0) | shape | config_overrides)
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    bpe_tokenizer().save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def imported(request, tmp_path_factory):
+    """(name, folder, transformers model, run dir) of each architecture, imported once."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = save_model(request.param, root / "hf")
+    hf.import_hf(root / "hf", root / "run")
+    return request.param, root / "hf", model, root / "run"
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def tokens_of(seed: int, shape=(2, 12)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
+
+
+def test_logits_equal_transformers_full_and_token_by_token(imported):
+    _, _, model, run_dir = imported
+    cfg, _, params = runs.load_trained(run_dir)
+    tokens = tokens_of(1)
+    expected = torch_logits(model, tokens)
+    np.testing.assert_allclose(GPT(cfg.model).apply(params, tokens), expected, atol=1e-4)
+
+    cache = init_cache(cfg.model, batch_size=2, max_len=tokens.shape[1])
+    step = jax.jit(lambda p, t, c: GPT(cfg.model).apply(p, t, cache=c))
+    for t in range(tokens.shape[1]):
+        logits, cache = step(params, tokens[:, t: t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], expected[:, t], atol=1e-4, err_msg=f"position {t}")
+
+
+def test_greedy_generation_equals_transformers_generate(imported):
+    _, _, model, run_dir = imported
+    cfg, _, params = runs.load_trained(run_dir)
+    prompt = tokens_of(2, (2, 5))
+    ours = generate(params, prompt, np.ones(prompt.shape, bool), jax.random.PRNGKey(0), cfg=cfg.model,
+                    max_new_tokens=10, temperature=0.0)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor(prompt, dtype=torch.long), attention_mask=torch.ones(prompt.shape),
+                                do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(ours), theirs[:, prompt.shape[1]:].numpy())
+
+
+def test_export_loads_in_transformers_and_imports_back(imported, tmp_path):
+    _, _, model, run_dir = imported
+    hf.export_hf(run_dir, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = tokens_of(3)
+    np.testing.assert_allclose(torch_logits(reloaded, tokens), torch_logits(model, tokens), atol=1e-5)
+
+    hf.import_hf(tmp_path / "out", tmp_path / "again")
+    first, second = runs.load_trained(run_dir), runs.load_trained(tmp_path / "again")
+    assert first[0].model == second[0].model
+    assert_trees_close(first[2], second[2], rtol=0, atol=0)
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert fast.encode(TEXT, add_special_tokens=False) == second[1].encode(TEXT).tolist()
+
+
+def test_tokenizer_encodes_and_decodes_like_the_fast_tokenizer(imported):
+    _, folder, _, run_dir = imported
+    fast = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = load_tokenizer(run_dir)
+    assert isinstance(ours, HFTokenizer) and ours.vocab_size == len(fast)
+    for text in (TEXT, "unseen wörds ünd ☃ <|im_end|> too", "  spaces\n\nand lines "):
+        ids = ours.encode(text)
+        assert ids.tolist() == fast.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == fast.decode(ids.tolist()) == text
+    assert ours.special_id("<|im_end|>") == fast.convert_tokens_to_ids("<|im_end|>") == 2
+    assert ours.eos_ids == [0] and ours.pad_id == 0
+
+
+def test_a_list_of_eos_ids_is_kept_and_exported(tmp_path):
+    """eos ids from config.json (a list) and tokenizer_config.json, in that order, once each."""
+    save_model("llama-kv1-tied", tmp_path / "hf", eos_token_id=[2, 0], pad_token_id=1)
+    tokenizer = HFTokenizer.from_path(tmp_path / "hf")
+    assert tokenizer.eos_ids == [2, 0] and tokenizer.pad_id == 1
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    assert load_tokenizer(tmp_path / "run").eos_ids == [2, 0]
+    hf.export_hf(tmp_path / "run", tmp_path / "out")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["eos_token_id"] == [2, 0] and exported["pad_token_id"] == 1
+
+
+def test_sharded_checkpoint_imports_the_same_params(tmp_path):
+    model = save_model("llama-kv2-untied", tmp_path / "hf")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    for file in (tmp_path / "hf").glob("tokenizer*"):
+        shutil.copy(file, tmp_path / "sharded")
+    assert (tmp_path / "sharded" / hf.SAFETENSORS_INDEX).exists()
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    hf.import_hf(tmp_path / "sharded", tmp_path / "run-sharded")
+    assert_trees_close(runs.load_trained(tmp_path / "run")[2], runs.load_trained(tmp_path / "run-sharded")[2],
+                       rtol=0, atol=0)
+
+
+def test_the_cli_imports_and_exports(capsys, tmp_path):
+    save_model("gpt2", tmp_path / "hf")
+    code, out, err = run_cli(capsys, "import-hf", "--from", tmp_path / "hf", "--run-dir", tmp_path / "run")
+    assert code == 0 and "imported gpt2" in out and "host memory peak" in out, err
+    code, out, err = run_cli(capsys, "export-hf", "--run", tmp_path / "run", "--out", tmp_path / "out")
+    assert code == 0 and "tokenizer.json" in out, err
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "gpt2"
+
+
+def edit_config(folder, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def edit_tensors(folder, edit) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+BAD_INPUTS = {
+    "no-config": (lambda f: (f / "config.json").unlink(), "no config.json"),
+    "model-type": (lambda f: edit_config(f, model_type="mistral"), "model_type 'mistral' is not supported"),
+    "rope-scaling": (lambda f: edit_config(f, rope_scaling={"rope_type": "llama3", "factor": 8.0},
+                                           rope_parameters=None), "rope_scaling"),
+    "activation": (lambda f: edit_config(f, hidden_act="gelu"), "hidden_act='gelu'"),
+    "missing-tensor": (lambda f: edit_tensors(f, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+                       "tensor model.layers.1.mlp.up_proj.weight is missing"),
+    "shape": (lambda f: edit_tensors(f, lambda t: t.update({"model.norm.weight": np.ones(17, np.float32)})),
+              "tensor model.norm.weight has shape [17], config.json implies [16]"),
+    "extra-tensor": (lambda f: edit_tensors(f, lambda t: t.update({"score.weight": np.ones((1, 16), np.float32)})),
+                     "tensor score.weight has no place"),
+    "no-tokenizer": (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json: no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_writes_nothing(case, capsys, tmp_path):
+    save_model("llama-kv2-untied", tmp_path / "hf")
+    damage, needle = BAD_INPUTS[case]
+    damage(tmp_path / "hf")
+    code, _, err = run_cli(capsys, "import-hf", "--from", tmp_path / "hf", "--run-dir", tmp_path / "run")
+    assert_one_error(code, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_refuses_what_it_cannot_express(tmp_path):
+    save_model("gpt2", tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    with pytest.raises(UserError, match="is not empty"):
+        hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    cfg = runs.load_trained(tmp_path / "run")[0].model
+    with pytest.raises(UserError, match="model.norm=rmsnorm"):
+        hf.export_family(dataclasses.replace(cfg, norm="rmsnorm"), "run")
+
+
+def test_a_model_without_biases_exports_as_gpt2_with_zero_biases(tmp_path):
+    """The tiny preset's architecture (no biases) is GPT-2 with zero biases: same logits."""
+    cfg = RunConfig(model=tiny_model(gelu_approximate=False))
+    params = init(cfg.model, seed=3)
+    rundir.write_config(tmp_path / "run", cfg)
+    CharTokenizer.build("abcdefghijklmnopqrstuvwxyz").save(tmp_path / "run")
+    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints")
+    checkpointer.save(0, make_init_fn(lambda _: params, make_optimizer(cfg.optim, 10), 0)(), {})
+    checkpointer.close()
+    hf.export_hf(tmp_path / "run", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = tokens_of(4, (2, 10)) % cfg.model.vocab_size
+    np.testing.assert_allclose(torch_logits(model, tokens), GPT(cfg.model).apply(params, tokens), atol=1e-4)
