@@ -12,16 +12,17 @@ import pytest
 import torch
 import transformers
 from conftest import assert_one_error, assert_trees_close, init, run_cli, tiny_model
+from etils import epath
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from genai_jax import hf, rundir, runs
 from genai_jax.checkpoint import Checkpointer
-from genai_jax.config import RunConfig, UserError
+from genai_jax.config import DataConfig, RunConfig, UserError
 from genai_jax.model import GPT, init_cache
 from genai_jax.optim import make_optimizer
 from genai_jax.sampling import generate
-from genai_jax.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
+from genai_jax.tokenizer import CharTokenizer, HFTokenizer, build_tokenizer, load_tokenizer
 from genai_jax.train import make_init_fn
 
 VOCAB = 300  # the model's vocabulary: the tokenizer's 262 tokens, padded as real checkpoints are
@@ -237,3 +238,13 @@ def test_a_model_without_biases_exports_as_gpt2_with_zero_biases(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = tokens_of(4, (2, 10)) % cfg.model.vocab_size
     np.testing.assert_allclose(torch_logits(model, tokens), GPT(cfg.model).apply(params, tokens), atol=1e-4)
+
+
+def test_data_tokenizer_hf_builds_from_a_file_or_folder(tmp_path):
+    """Any stage may use a Hugging Face tokenizer (data.tokenizer=hf), e.g. to pretrain with it."""
+    bpe_tokenizer().save_pretrained(tmp_path / "hf")
+    for i, path in enumerate([tmp_path / "hf", tmp_path / "hf" / "tokenizer.json"]):
+        built = build_tokenizer(DataConfig(tokenizer="hf", tokenizer_path=str(path)), TEXT, epath.Path(tmp_path / f"run{i}"))
+        assert load_tokenizer(epath.Path(tmp_path / f"run{i}")).encode(TEXT).tolist() == built.encode(TEXT).tolist()
+    with pytest.raises(UserError, match="needs data.tokenizer_path"):
+        build_tokenizer(DataConfig(tokenizer="hf"), TEXT, epath.Path(tmp_path / "run"))
