@@ -105,6 +105,8 @@ def _rope_theta(f: _Fields) -> float:
 
 def _llama_config(f: _Fields, family: str) -> ModelConfig:
     d_model, heads = f["hidden_size"], f["num_attention_heads"]
+    kv_heads = f["num_key_value_heads"] or heads
+    f.require("num_key_value_heads", heads % kv_heads == 0, "it must divide num_attention_heads")
     f.require("hidden_act", f["hidden_act"] == "silu", "SwiGLU uses silu")
     f.require("head_dim", f["head_dim"] in (None, d_model // heads), "head_dim must be hidden_size / num_attention_heads")
     f.require("use_sliding_window", not f["use_sliding_window"], "attention is always full")
@@ -117,7 +119,7 @@ def _llama_config(f: _Fields, family: str) -> ModelConfig:
         bias = qkv_bias = f["attention_bias"]
     return ModelConfig(
         vocab_size=f["vocab_size"], n_layer=f["num_hidden_layers"], n_head=heads,
-        n_kv_head=f["num_key_value_heads"] or heads, d_model=d_model, context_len=f["max_position_embeddings"],
+        n_kv_head=kv_heads, d_model=d_model, context_len=f["max_position_embeddings"],
         mlp_hidden=f["intermediate_size"], bias=bias, qkv_bias=qkv_bias, norm="rmsnorm", norm_eps=f["rms_norm_eps"],
         positions="rope", rope_theta=_rope_theta(f), mlp="swiglu", tie_embeddings=f["tie_word_embeddings"],
         init_std=f["initializer_range"],
@@ -133,7 +135,6 @@ def model_config(hf: dict, where: str) -> tuple[str, ModelConfig]:
         cfg = _gpt2_config(_Fields(hf, where, _GPT2_DEFAULTS))
     else:
         cfg = _llama_config(_Fields(hf, where, _LLAMA_DEFAULTS), family)
-    cfg.kv_heads  # noqa: B018  (refuses heads that do not divide)
     return family, cfg
 
 

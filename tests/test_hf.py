@@ -167,6 +167,17 @@ def test_sharded_checkpoint_imports_the_same_params(tmp_path):
                        rtol=0, atol=0)
 
 
+def test_a_bfloat16_checkpoint_imports_as_float32(tmp_path):
+    model = save_model("qwen2-bias-untied", tmp_path / "hf").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    params = runs.load_trained(tmp_path / "run")[2]["params"]
+    expected = model.model.layers[1].self_attn.k_proj.bias.detach().float().numpy()
+    qkv_bias = np.asarray(params["h_1"]["attn"]["qkv"]["bias"])
+    assert qkv_bias.dtype == np.float32
+    np.testing.assert_array_equal(qkv_bias[16:24], expected)  # after the 4 query heads of 4 dims
+
+
 def test_the_cli_imports_and_exports(capsys, tmp_path):
     save_model("gpt2", tmp_path / "hf")
     code, out, err = run_cli(capsys, "import-hf", "--from", tmp_path / "hf", "--run-dir", tmp_path / "run")
@@ -194,6 +205,7 @@ BAD_INPUTS = {
     "rope-scaling": (lambda f: edit_config(f, rope_scaling={"rope_type": "llama3", "factor": 8.0},
                                            rope_parameters=None), "rope_scaling"),
     "activation": (lambda f: edit_config(f, hidden_act="gelu"), "hidden_act='gelu'"),
+    "kv-heads": (lambda f: edit_config(f, num_key_value_heads=3), "num_key_value_heads=3"),
     "missing-tensor": (lambda f: edit_tensors(f, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
                        "tensor model.layers.1.mlp.up_proj.weight is missing"),
     "shape": (lambda f: edit_tensors(f, lambda t: t.update({"model.norm.weight": np.ones(17, np.float32)})),
