@@ -41,6 +41,9 @@ from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, ModelConfig, 
                               RunConfig, TrainConfig, UserError, preset)
 from genai_jax.distributed import say
 
+FINE_TUNING_STAGES = ("sft", "reward", "dpo")
+"""Stages whose --init-from run supplies the model section's defaults."""
+
 
 @dataclass(frozen=True)
 class StageArgs:
@@ -95,13 +98,26 @@ class GenerateArgs:
     seed: int = 0
 
 
-def _preset_name(argv: list[str]) -> str:
+def _flag_value(argv: list[str], flag: str, default: str = "") -> str:
+    """The value of `--flag VALUE` or `--flag=VALUE` in argv, read before tyro parses it."""
     for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--preset="):
+        if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
-    return StageArgs.preset
+    return default
+
+
+def _preset_name(argv: list[str]) -> str:
+    return _flag_value(argv, "--preset", StageArgs.preset)
+
+
+def _init_run_model(stage_model: ModelConfig, init_run: str) -> ModelConfig:
+    """The model section of the run a fine-tuning stage starts from, with this stage's dropout and
+    head: the defaults of its --model flags, so that a run of another shape (an imported Hugging
+    Face model above all) needs no --model flags. An explicit flag that differs is still refused."""
+    init_model = rundir.read_config(epath.Path(init_run)).model
+    return dataclasses.replace(init_model, dropout=stage_model.dropout, head=stage_model.head)
 
 
 @dataclass(frozen=True)
@@ -186,6 +202,9 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     """(config, run_dir) from `--preset NAME` defaults for `stage`, overridden by the other flags."""
     name = _preset_name(argv)
     base = preset(name, stage)
+    init_run = _flag_value(argv, "--init-from") if stage in FINE_TUNING_STAGES else ""
+    if init_run:
+        base = dataclasses.replace(base, model=_init_run_model(base.model, init_run))
     defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train,
                          objective=base.objective, ppo=base.ppo, dpo=base.dpo)
     args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")

@@ -178,9 +178,12 @@ def load_init(cfg: RunConfig, missing: str) -> tuple[RunConfig, Tokenizer, dict]
     cfg = with_vocab(cfg, tokenizer)
     mismatched = [name for name in config_lib.diff(base_cfg.model, cfg.model) if name not in ("dropout", "head")]
     if mismatched:
+        differences = ", ".join(
+            f"model.{name}={getattr(base_cfg.model, name)!r} there, {getattr(cfg.model, name)!r} here"
+            for name in mismatched)
         raise UserError(
-            f"--init-from {cfg.train.init_from} was trained with a different model config "
-            f"({', '.join(f'model.{n}' for n in mismatched)}); pass the same --model flags or preset"
+            f"--init-from {cfg.train.init_from} was trained with a different model config ({differences}); "
+            "leave out those --model flags (the CLI takes them from the --init-from run)"
         )
     return cfg, tokenizer, base_params
 

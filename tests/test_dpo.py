@@ -323,10 +323,10 @@ def test_dpo_on_an_hh_file_with_empty_answers(tmp_path, capsys, sft_run):
     assert "val_pair_accuracy" in final and "val_gold_accuracy" not in final  # no gold for a file
 
 
-def test_dpo_needs_init_from_and_an_lm_head(tmp_path, capsys):
+def test_dpo_needs_init_from_and_an_lm_head(tmp_path, capsys, sft_run):
     code, _, err = run_cli(capsys, *dpo_argv(tmp_path / "run"))
     assert_one_error(code, err, "dpo needs --init-from RUN_DIR")
-    code, _, err = run_cli(capsys, *dpo_argv(tmp_path / "run", "--init-from", tmp_path, "--model.head", "scalar"))
+    code, _, err = run_cli(capsys, *dpo_argv(tmp_path / "run", "--init-from", sft_run, "--model.head", "scalar"))
     assert_one_error(code, err, "model.head must be lm")
     assert not (tmp_path / "run").exists()
 

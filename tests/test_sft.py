@@ -3,6 +3,7 @@ accumulation, packing and every strategy), the held-out split, the sft stage end
 commands that use its policy (eval, generate, chat)."""
 
 import builtins
+import dataclasses
 import copy
 import json
 import re
@@ -439,10 +440,27 @@ def test_sft_resumes_with_more_steps(tmp_path, sft_run, base_run):
 def test_sft_refuses_a_base_run_with_another_model(tmp_path, capsys, base_run):
     before = snapshot(base_run)
     code, _, err = run_cli(capsys, *sft_argv(tmp_path / "run", "--init-from", base_run, "--model.n-layer", 3))
-    assert_one_error(code, err, "model.n_layer", str(base_run))
+    assert_one_error(code, err, "model.n_layer=2 there, 3 here", str(base_run))
     assert "model.dropout" not in err
     assert not (tmp_path / "run").exists()
     assert snapshot(base_run) == before
+
+
+@pytest.mark.slow
+def test_sft_takes_its_model_from_the_init_run(tmp_path, capsys, base_run):
+    """Without --model flags the CLI takes the model section from --init-from (as an imported
+    checkpoint needs: no preset has its shape), keeping the stage's own dropout and head."""
+    flags = cli_flags(sft_config(), stage="sft")
+    without_model = [x for flag, value in zip(flags[::2], flags[1::2]) if not flag.startswith("--model.")
+                     for x in (flag, value)]
+    assert len(without_model) < len(flags)
+    code, _, err = run_cli(capsys, "sft", *without_model, "--run-dir", tmp_path / "run", "--init-from", base_run)
+    assert code == 0, err
+    base_model = rundir.read_config(base_run).model
+    assert base_model != config.preset("tiny", "sft").model
+    stage_model = config.preset("tiny", "sft").model
+    assert rundir.read_config(tmp_path / "run").model == dataclasses.replace(
+        base_model, dropout=stage_model.dropout, head=stage_model.head)
 
 
 def test_sft_needs_init_from(tmp_path, capsys):
