@@ -100,9 +100,10 @@ class DataConfig:
     """Pretraining: a text file or a folder of .txt files. SFT: a JSONL file. Overrides `source`."""
     tfds_split: str = "train"
     text_feature: str = "text"
-    tokenizer: Literal["char", "sentencepiece", "hf"] = "char"
-    """char, sentencepiece (trained on the corpus unless tokenizer_path is given), or hf: a Hugging
-    Face `tokenizer.json` (tokenizer_path: the file or its model folder)."""
+    tokenizer: Literal["char", "byte", "sentencepiece", "hf"] = "char"
+    """char (the corpus's characters only), byte (UTF-8 bytes: any text), sentencepiece (trained on
+    the corpus unless tokenizer_path is given), or hf: a Hugging Face `tokenizer.json`
+    (tokenizer_path: the file or its model folder)."""
     sp_vocab_size: int = 1024
     sp_model_type: Literal["bpe", "unigram"] = "bpe"
     tokenizer_path: str = ""

@@ -24,6 +24,7 @@ from genai_jax.config import RunConfig, UserError
 from genai_jax.data import chat as chat_data
 from genai_jax.data import loader, sources
 from genai_jax.data.chat import build_preference_rows
+from genai_jax.data.preferences import preference_line
 from genai_jax.distributed import say
 from genai_jax.evaluation import policy_gold, respond
 from genai_jax.model import GPT, count_params, init_params, with_scalar_head
@@ -284,12 +285,19 @@ def preference_rows(cfg: RunConfig, policy_cfg: RunConfig, policy_params, tokeni
     """(train groups, train rows, validation rows or None, whether each validation label agrees
     with gold or None, stats) of the reward and DPO stages (`reward_lib.preference_data`)."""
     train_groups, val_groups, val_agrees = reward_lib.preference_data(cfg, policy_cfg, policy_params, tokenizer)
-    train_rows, stats = build_preference_rows(train_groups, tokenizer, length, cfg.data.overlong)
+
+    def name(number: int) -> str:
+        if cfg.data.resolved_source != "text":
+            return f"preference group {number}"
+        return f"{cfg.data.path}:{preference_line(cfg.data.path, number, cfg.data.max_responses)}"
+
+    train_rows, stats = build_preference_rows(train_groups, tokenizer, length, cfg.data.overlong, name=name)
     val_rows = None
     if val_groups:
         # World pairs are short and never dropped, which keeps them aligned with val_agrees.
         overlong = "truncate" if val_agrees is not None else cfg.data.overlong
-        val_rows, _ = build_preference_rows(val_groups, tokenizer, length, overlong, first=len(train_groups) + 1)
+        val_rows, _ = build_preference_rows(val_groups, tokenizer, length, overlong, first=len(train_groups) + 1,
+                                            name=name)
     return train_groups, train_rows, val_rows, val_agrees, stats
 
 

@@ -1,8 +1,8 @@
-"""Tokenizers: characters, a sentencepiece model trained on the corpus, or a Hugging Face model's
-own `tokenizer.json`. All save into and load from a run directory (`tokenizer.json`, plus
+"""Tokenizers: characters, UTF-8 bytes, a sentencepiece model trained on the corpus, or a Hugging
+Face model's own `tokenizer.json`. All save into and load from a run directory (`tokenizer.json`, plus
 `tokenizer.model` for sentencepiece, `hf_tokenizer.json` and the model's token settings for hf).
 
-The first two reserve the same special tokens, which no text can spell: id 0 is padding, and the
+The first three reserve the same special tokens, which no text can spell: id 0 is padding, and the
 chat template's role and end-of-turn markers (used from SFT on) are in the vocabulary from
 pretraining on, so every stage of a pipeline shares one tokenizer. A Hugging Face tokenizer has
 the model's own special tokens instead (its end-of-sequence ids, `eos_ids`).
@@ -56,7 +56,9 @@ class CharTokenizer:
         try:
             return np.fromiter((self.id_of[c] for c in text), dtype=np.int32, count=len(text))
         except KeyError as err:
-            raise UserError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary") from None
+            raise UserError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary (a char tokenizer "
+                            "has only its pretraining corpus's characters; data.tokenizer=byte encodes any "
+                            "text)") from None
 
     def decode(self, ids) -> str:
         offset = len(self.specials)
@@ -65,6 +67,43 @@ class CharTokenizer:
     def save(self, directory: epath.Path) -> "CharTokenizer":
         directory.mkdir(parents=True, exist_ok=True)
         (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "char", "chars": self.chars}))
+        return self
+
+
+class ByteTokenizer:
+    """UTF-8 bytes, one id each after the special tokens: any text encodes, whatever corpus the
+    tokenizer saw first (a fine-tuning file may hold characters pretraining never met)."""
+
+    specials = SPECIAL_TOKENS
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.specials) + 256
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def special_id(self, token: str) -> int:
+        return self.specials.index(token)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + len(self.specials)
+
+    def decode(self, ids) -> str:
+        """The text of `ids`; special tokens as their names, a cut UTF-8 sequence as U+FFFD."""
+        offset, pieces, run = len(self.specials), [], bytearray()
+        for i in np.asarray(ids).tolist():
+            if i >= offset:
+                run.append(i - offset)
+                continue
+            pieces += [run.decode("utf-8", errors="replace"), self.specials[i]]
+            run = bytearray()
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
+
+    def save(self, directory: epath.Path) -> "ByteTokenizer":
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / TOKENIZER_FILE).write_text(json.dumps({"type": "byte"}))
         return self
 
 
@@ -263,13 +302,15 @@ class HFTokenizer:
         return self
 
 
-Tokenizer = CharTokenizer | SentencePieceTokenizer | HFTokenizer
+Tokenizer = CharTokenizer | ByteTokenizer | SentencePieceTokenizer | HFTokenizer
 
 
 def build_tokenizer(cfg: DataConfig, text: str, directory: epath.Path) -> Tokenizer:
     """A tokenizer for `text` as the data config asks, saved into `directory`."""
     if cfg.tokenizer == "char":
         tokenizer = CharTokenizer.build(text)
+    elif cfg.tokenizer == "byte":
+        tokenizer = ByteTokenizer()
     elif cfg.tokenizer == "hf":
         if not cfg.tokenizer_path:
             raise UserError("data.tokenizer=hf needs data.tokenizer_path (a tokenizer.json or a Hugging Face model folder)")
@@ -291,6 +332,8 @@ def load_tokenizer(directory: epath.Path) -> Tokenizer:
     spec = json.loads(path.read_text())
     if spec["type"] == "char":
         return CharTokenizer(spec["chars"])
+    if spec["type"] == "byte":
+        return ByteTokenizer()
     if spec["type"] == "hf":
         config = json.loads((directory / spec["config"]).read_text()) if "config" in spec else None
         special = {name: spec[name] for name in ("eos_ids", "bos_id", "pad_id")}

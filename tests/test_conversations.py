@@ -12,6 +12,7 @@ from genai_jax.data.conversations import (
     read_jsonl_conversations,
     read_prompts_jsonl,
 )
+from genai_jax.data.preferences import preference_line, read_preferences_jsonl
 
 GOOD = json.dumps({"prompt": "hi", "response": "hello"})
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
@@ -184,3 +185,22 @@ def test_dolly_missing_dataset_is_user_error(monkeypatch):
     monkeypatch.setattr(tfds, "data_source", unprepared)
     with pytest.raises(UserError, match=r"tfds:databricks_dolly split 'train' could not be loaded: FileNotFoundError"):
         conversations.dolly_conversations()
+
+
+def test_a_conversation_is_found_by_its_line_after_blank_and_skipped_lines(tmp_path):
+    """The n-th conversation `read_jsonl_conversations` returned, back to its line of the file."""
+    third = json.dumps({"prompt": "third", "response": "3"})
+    path = write(tmp_path, GOOD, "", json.dumps({"prompt": ""}), "[1]", GOOD, "   ", third)
+    convs, skipped = read_jsonl_conversations(path, skip_malformed=True)
+    assert skipped == 2 and convs[2][0]["content"] == "third"
+    assert [conversations.conversation_line(path, n) for n in (1, 2, 3)] == [1, 5, 7]
+
+
+def test_a_preference_group_is_found_by_its_line(tmp_path):
+    pair = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    ranked = json.dumps({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]})
+    path = write(tmp_path, "", ranked, pair, "", pair)
+    groups, _ = read_preferences_jsonl(path, skip_malformed=True, max_responses=2)  # the ranked line is skipped
+    assert len(groups) == 2
+    assert [preference_line(path, n, max_responses=2) for n in (1, 2)] == [3, 5]
+    assert preference_line(path, 1) == 2  # with room for three responses the ranked line counts

@@ -339,3 +339,12 @@ def test_implicit_rewards_are_zero_for_the_reference():
     _, metrics = objective(params, dict(rows, loss_denominator=jnp.float32(rows["weights"].sum())), None)
     assert abs(float(metrics["chosen_reward"])) < 1e-6
     assert np.all(reference[rows["valid"]] < 0) and np.all(reference[~rows["valid"]] == 0)
+
+
+def test_a_character_the_tokenizer_lacks_names_the_preferences_file_and_line(tmp_path, capsys, sft_run):
+    pair = {"prompt": "reverse abc", "chosen": "cba", "rejected": "abc"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join([json.dumps(pair), "", json.dumps(pair | {"chosen": "cba \u20ac"})]) + "\n")
+    code, _, err = run_cli(capsys, *dpo_argv(tmp_path / "run", "--init-from", sft_run, "--data.path", path))
+    assert_one_error(code, err, f"{path}:3:", "'\u20ac'")
+    assert not (tmp_path / "run").exists()

@@ -478,13 +478,29 @@ def write_jsonl(path, chats) -> str:
 @pytest.mark.parametrize("bad_index", [1, 9], ids=["train-split", "validation-split"])
 def test_sft_names_a_character_the_base_tokenizer_lacks(tmp_path, capsys, base_run, bad_index):
     """Of 10 conversations the last is the validation split (data.val_fraction 0.1); either way the
-    error names the conversation by its place in the file."""
+    error names the file and the conversation's line (a blank first line: lines are not indices)."""
     chats = [world.chat(p) for p in world.problems(0, 10)]
     chats[bad_index] = qa("what is 2 plus 2?", "four \u20ac")
     path = write_jsonl(tmp_path / "chats.jsonl", chats)
+    (tmp_path / "chats.jsonl").write_text("\n" + (tmp_path / "chats.jsonl").read_text())
     code, _, err = run_cli(capsys, *sft_argv(tmp_path / "run", "--init-from", base_run, "--data.path", path))
-    assert_one_error(code, err, "'\u20ac'", f"conversation {bad_index + 1}:")
+    assert_one_error(code, err, "'\u20ac'", f"{path}:{bad_index + 2}:", "data.tokenizer=byte")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_byte_tokenizer_run_fine_tunes_on_characters_pretraining_never_saw(tmp_path, capsys):
+    """data.tokenizer=byte: pretrained on the world corpus (no euro sign), SFT on a file with one."""
+    base = tmp_path / "base"
+    stages.pretrain(config.replace(BASE_RUN, data=dict(tokenizer="byte")), base)
+    assert "\u20ac" not in world.corpus(0, 200)
+    chats = [qa("what is 2 plus 2?", "four \u20ac")] + [world.chat(p) for p in world.problems(0, 9)]
+    path = write_jsonl(tmp_path / "chats.jsonl", chats)
+    code, _, err = run_cli(capsys, *sft_argv(tmp_path / "run", "--init-from", base, "--data.path", path))
+    assert code == 0, err
+    records = rundir.read_metrics(tmp_path / "run")
+    assert records[0]["conversations"] == 9  # the euro sign's conversation is in the training split
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
 # ---------------------------------------------------------------------------------------------

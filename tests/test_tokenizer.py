@@ -5,7 +5,8 @@ import pytest
 from conftest import CORPUS
 
 from genai_jax.config import DataConfig, UserError
-from genai_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, build_tokenizer, load_tokenizer
+from genai_jax.tokenizer import (SPECIAL_TOKENS, ByteTokenizer, CharTokenizer, SentencePieceTokenizer, build_tokenizer,
+                                 encode_chat, load_tokenizer)
 
 TEXTS = [
     "To be, or not\n\nto be:\n",
@@ -87,3 +88,28 @@ def test_special_tokens_are_distinct_ids_that_no_text_spells(sentencepiece):
         assert special_ids[0] == tokenizer.pad_id == 0
         assert len(set(special_ids)) == len(SPECIAL_TOKENS)
         assert not set(tokenizer.encode(text).tolist()) & set(special_ids)
+
+
+@pytest.mark.parametrize("text", ["", "reverse abc: cba", "na\u00efve \u20ac 5 \U0001F600\n\ttabs"])
+def test_byte_round_trip_of_any_text(text):
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode(text)
+    assert ids.dtype == np.int32 and len(ids) == len(text.encode("utf-8"))
+    assert ids.min(initial=len(SPECIAL_TOKENS)) >= len(SPECIAL_TOKENS) and ids.max(initial=0) < tokenizer.vocab_size
+    assert tokenizer.decode(ids) == text
+
+
+def test_byte_decodes_specials_and_a_cut_sequence():
+    tokenizer = ByteTokenizer()
+    tokens, mask = encode_chat(tokenizer, [{"role": "user", "content": "\u20ac"},
+                                           {"role": "assistant", "content": "ok"}])
+    assert tokenizer.decode(tokens) == "<|user|>\u20ac<|end|><|assistant|>ok<|end|>"
+    assert mask.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert tokenizer.decode(tokenizer.encode("\u20ac")[:2]) == "\ufffd"  # 2 of the sign's 3 bytes
+
+
+def test_byte_save_and_load(tmp_path):
+    built = build_tokenizer(DataConfig(tokenizer="byte"), "any corpus", tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, ByteTokenizer) and loaded.vocab_size == built.vocab_size == len(SPECIAL_TOKENS) + 256
+    assert loaded.encode("\u00e9").tolist() == [len(SPECIAL_TOKENS) + 0xC3, len(SPECIAL_TOKENS) + 0xA9]

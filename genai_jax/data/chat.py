@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -108,13 +109,16 @@ def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dic
 
 def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, seq_len: int, first: int = 1):
     """(rows, stats as a dict) of conversations in the chat template, per the data config.
-    Errors name the conversation by its number in the source, the first of `chats` being `first`."""
+    Errors name the conversation by its file and line (data.path) or its number in the source,
+    the first of `chats` being number `first`."""
     encoded = []
     for i, chat in enumerate(chats, start=first):
         try:
             encoded.append(encode_chat(tokenizer, chat))
         except UserError as err:
-            raise UserError(f"conversation {i}: {err}") from None
+            where = (f"{cfg.path}:{conversations.conversation_line(cfg.path, i)}" if cfg.resolved_source == "text"
+                     else f"conversation {i}")
+            raise UserError(f"{where}: {err}") from None
     rows, stats = build_rows(encoded, seq_len, tokenizer.pad_id, pack=cfg.pack, overlong=cfg.overlong)
     if stats.rows == 0:
         raise UserError(f"no conversation has a response token within {seq_len} tokens")
@@ -134,13 +138,15 @@ def response_length(tokenizer: Tokenizer, response: str) -> int:
     return len(tokenizer.encode(response)) + 1
 
 
-def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: str = "truncate", first: int = 1):
+def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: str = "truncate", first: int = 1,
+                          name: Callable[[int], str] = "preference group {}".format):
     """(rows, stats as a dict) for the reward model and DPO from `PreferenceGroup`s: tokens, mask
     and response [N, K, seq_len] (each response after its prompt in the chat template,
     right-padded; `response` marks the answer's tokens and its end of turn), rank and valid
     [N, K], weights and margin [N]; K is the most responses of any group. A sequence longer
     than seq_len keeps its last seq_len tokens ("truncate": the reward is read at the end) or
-    drops its group ("drop")."""
+    drops its group ("drop"). Errors name the group `name(number)`, the first of `groups` being
+    number `first`."""
     k = max(len(group.responses) for group in groups)
     n = len(groups)
     rows = {
@@ -158,7 +164,7 @@ def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: 
         try:
             encoded = [response_tokens(tokenizer, group.prompt, response, seq_len) for response in group.responses]
         except UserError as err:
-            raise UserError(f"preference group {number}: {err}") from None
+            raise UserError(f"{name(number)}: {err}") from None
         if any(truncated for _, truncated in encoded):
             if overlong == "drop":
                 stats["dropped"] += 1

@@ -43,6 +43,27 @@ def read_jsonl_records(path: str | os.PathLike, parse: Callable[[dict], T], what
     return items, skipped
 
 
+def record_line(path: str | os.PathLike, number: int, parse: Callable[[dict], T]) -> int:
+    """The line of the file holding its `number`-th (1-based) record that `parse` accepts, as
+    `read_jsonl_records` counted them (blank and skipped lines left out): for errors found after
+    reading, e.g. a character the tokenizer cannot encode."""
+    accepted = 0
+    for line_number, line in _jsonl_lines(path):
+        try:
+            parse(_json_object(line))
+        except BadLine:
+            continue
+        accepted += 1
+        if accepted == number:
+            return line_number
+    raise ValueError(f"{path} has fewer than {number} records")
+
+
+def conversation_line(path: str | os.PathLike, number: int) -> int:
+    """The line of a conversations file holding its `number`-th conversation."""
+    return record_line(path, number, _conversation)
+
+
 def read_jsonl_conversations(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[list[dict]], int]:
     """Conversations of a JSONL file and the number of malformed lines skipped.
 

@@ -13,8 +13,9 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 
-from genai_jax.data.conversations import BadLine, _text_field, read_jsonl_records
+from genai_jax.data.conversations import BadLine, _text_field, read_jsonl_records, record_line
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,12 @@ def read_preferences_jsonl(path: str | os.PathLike, skip_malformed: bool = False
     is set; a group with more than `max_responses` responses is malformed."""
     if max_responses < 2:
         raise ValueError(f"max_responses must be at least 2, got {max_responses}")
-    return read_jsonl_records(path, lambda record: _group(record, max_responses), "preference pairs", skip_malformed)
+    return read_jsonl_records(path, partial(_group, max_responses=max_responses), "preference pairs", skip_malformed)
+
+
+def preference_line(path: str | os.PathLike, number: int, max_responses: int = 8) -> int:
+    """The line of a preferences file holding its `number`-th group."""
+    return record_line(path, number, partial(_group, max_responses=max_responses))
 
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
