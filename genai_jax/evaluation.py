@@ -10,7 +10,7 @@ import numpy as np
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.sampling import generate
-from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
+from genai_jax.tokenizer import Tokenizer, decode_response, encode_chat, stop_ids
 
 _PROMPT_BUCKET = 8
 
@@ -50,18 +50,18 @@ def respond(cfg: RunConfig, params, tokenizer: Tokenizer, chats: list[list[dict]
     new_tokens = min(max_new_tokens, cfg.model.context_len - prompt_len)
     if longest > cfg.model.context_len or new_tokens < 1:
         raise UserError(f"a prompt of {longest} tokens leaves no room to answer in context_len {cfg.model.context_len}")
-    end_id = tokenizer.special_id(END)
+    end_ids = stop_ids(tokenizer)
     responses = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         tokens, mask = left_pad(chunk + [chunk[0]] * (batch_size - len(chunk)), prompt_len, tokenizer.pad_id)
         generated = np.asarray(generate(
             params, tokens, mask, jax.random.PRNGKey(seed + start), cfg=cfg.model, max_new_tokens=new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, stop_id=end_id,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=end_ids,
         ))
         for row in generated[: len(chunk)]:
             text, ended = decode_response(tokenizer, row)
-            length = int(np.argmax(row == end_id)) + 1 if ended else len(row)
+            length = int(np.argmax(np.isin(row, end_ids))) + 1 if ended else len(row)
             responses.append(Response(text, ended, length))
     return responses
 

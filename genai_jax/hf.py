@@ -33,7 +33,7 @@ from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig, ModelConfig, RunConfig, UserError
 from genai_jax.distributed import say
-from genai_jax.model import init_params, mlp_hidden
+from genai_jax.model import grow_vocab, init_params, mlp_hidden
 from genai_jax.optim import make_optimizer
 from genai_jax.parallel import host_peak_mib
 from genai_jax.runs import load_trained, with_vocab
@@ -386,19 +386,26 @@ def _check_empty(directory: epath.Path, flag: str) -> None:
 def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
     """Make `run_dir` a run directory holding the Hugging Face model in `folder`: its config as
     this project's (model section from config.json, data.tokenizer=hf), its tokenizer, and a step-0
-    checkpoint (the params, a fresh optimizer state) that every stage and command loads. Every
+    checkpoint (the params, a fresh optimizer state) that every stage and command loads. A model
+    without a chat template gets this project's role and end-of-turn tokens, and its embedding
+    grows if they do not fit in its vocabulary (`grow_vocab`). Every
     check runs before anything is written. Returns the import's record (also in metrics.jsonl)."""
     start = time.perf_counter()
     folder, run_dir = epath.Path(folder), epath.Path(run_dir)
-    family, model_cfg = model_config(_read_config(folder), str(folder / rundir.CONFIG_FILE))
+    family, source_cfg = model_config(_read_config(folder), str(folder / rundir.CONFIG_FILE))
     tokenizer = HFTokenizer.from_path(folder)
+    if tokenizer.chat_template is None:  # chats will use this project's template: add its tokens
+        tokenizer = tokenizer.with_chat_tokens()
+    model_cfg = dataclasses.replace(source_cfg, vocab_size=max(source_cfg.vocab_size, tokenizer.vocab_size))
     cfg = with_vocab(RunConfig(model=model_cfg, data=DataConfig(tokenizer="hf", tokenizer_path=os.fspath(folder))),
                      tokenizer)
     files = tensor_files(folder)
-    table = check_tensors(family, model_cfg, files, folder)
+    table = check_tensors(family, source_cfg, files, folder)
     _check_empty(run_dir, "--run-dir")
 
     params = read_params(table, files)
+    if model_cfg.vocab_size > source_cfg.vocab_size:
+        params = grow_vocab(params, model_cfg.vocab_size)
     state = make_init_fn(lambda _: params, make_optimizer(cfg.optim, cfg.train.max_steps), cfg.train.seed)()
     rundir.write_config(run_dir, cfg)
     tokenizer.save(run_dir)
@@ -407,6 +414,8 @@ def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
     checkpointer.close()
     record = {"step": 0, "imported_from": os.fspath(folder), "family": family,
               "n_params": sum(x.size for x in jax.tree.leaves(params)),
+              "chat_template": "model" if tokenizer.chat_template is not None else "genai-jax",
+              "source_vocab_size": source_cfg.vocab_size,
               "import_seconds": time.perf_counter() - start, "host_peak_mib": host_peak_mib()}
     writer = rundir.MetricsWriter(run_dir)
     writer.write(record)

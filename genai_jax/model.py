@@ -285,6 +285,21 @@ def with_scalar_head(params, cfg: ModelConfig, rng: jax.Array):
     return {"params": trunk | {"scalar_head": head}}
 
 
+def grow_vocab(params, vocab_size: int):
+    """`params` with room for `vocab_size` tokens: new embedding rows (and, if untied, LM-head
+    columns) set to the mean of the existing ones, so a new token starts as an average token and
+    the model's distribution over the old ones barely moves (Hewitt 2021, "Initializing new word
+    embeddings for pretrained language models")."""
+    inner = dict(params["params"])
+    wte = inner["wte"]
+    inner["wte"] = jnp.concatenate([wte, jnp.broadcast_to(wte.mean(0), (vocab_size - len(wte), wte.shape[1]))])
+    if "lm_head" in inner:
+        kernel = inner["lm_head"]["kernel"]
+        extra = jnp.broadcast_to(kernel.mean(1, keepdims=True), (kernel.shape[0], vocab_size - kernel.shape[1]))
+        inner["lm_head"] = {"kernel": jnp.concatenate([kernel, extra], axis=1)}
+    return {"params": inner}
+
+
 def count_params(params, embeddings: bool = True) -> int:
     """Parameter count; `embeddings=False` leaves out token and position embeddings (for MFU)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -92,7 +92,7 @@ def raw_scores(cfg: RunConfig, params, tokenizer: Tokenizer, prompts: list[list[
     tokens = np.full((len(prompts), length), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        encoded, _ = response_tokens(tokenizer, prompt, response, length)
+        encoded = response_tokens(tokenizer, prompt, response, length)[0]
         tokens[row, : len(encoded)], mask[row, : len(encoded)] = encoded, 1
     return score_rows(partial(_rewards, cfg=cfg.model), params, tokens, mask, batch_size)
 

@@ -55,8 +55,8 @@ from genai_jax.optim import make_ppo_optimizer
 from genai_jax.parallel import (Mesh, compile_step, host_copy, host_peak_mib, make_strategy, peak_record, report_memory,
                                 to_host)
 from genai_jax.runs import final_record, load_trained, make_ppo_init_fn, open_run, restore_target
-from genai_jax.sampling import generate
-from genai_jax.tokenizer import END, Tokenizer, decode_response, encode_chat
+from genai_jax.sampling import generate, is_stop
+from genai_jax.tokenizer import Tokenizer, decode_response, encode_chat, stop_ids
 from genai_jax.train import Preempted, PreemptionGuard, make_train_step
 
 GOLD_REWARD = "gold"
@@ -65,15 +65,15 @@ CODE_REWARD = "python:"
 """The prefix of a `ppo.reward` naming a user's function, python:MODULE:FUNCTION."""
 
 
-def response_mask(response: jax.Array, end_id: int) -> jax.Array:
+def response_mask(response: jax.Array, end_ids: tuple[int, ...]) -> jax.Array:
     """True on the response's tokens up to and including its first end-of-turn."""
-    is_end = (response == end_id).astype(jnp.int32)
+    is_end = is_stop(response, end_ids).astype(jnp.int32)
     return (jnp.cumsum(is_end, axis=1) - is_end) == 0
 
 
-@partial(jax.jit, static_argnames=("cfg", "end_id", "pad_id"))
+@partial(jax.jit, static_argnames=("cfg", "end_ids", "pad_id"))
 def experience(params, ref_params, reward_params, normalization, prompt, prompt_mask, response, beta,
-               scores=None, *, cfg: RunConfig, end_id: int, pad_id: int):
+               scores=None, *, cfg: RunConfig, end_ids: tuple[int, ...], pad_id: int):
     """(train batch, per-sequence stats) for sampled responses [B, R] to left-padded prompts [B, P].
 
     The response ends at its first end-of-turn (later tokens become padding). Per-token reward is
@@ -83,8 +83,8 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
     """
     ppo = cfg.ppo
     apply_fn = GPT(cfg.model).apply
-    in_response = response_mask(response, end_id)
-    ended = jnp.any(response == end_id, axis=1)
+    in_response = response_mask(response, end_ids)
+    ended = jnp.any(is_stop(response, end_ids), axis=1)
     response = jnp.where(in_response, response, pad_id)
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, in_response], axis=1).astype(jnp.int32)
@@ -397,7 +397,7 @@ class _Placement:
 
 
 def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.ndarray, beta: float, key,
-            placement: "_Placement", *, end_id: int, pad_id: int, score_responses=None):
+            placement: "_Placement", *, end_ids: tuple[int, ...], pad_id: int, score_responses=None):
     """(sampled responses, train batch, stats, timings) of one iteration's prompts, on the host
     (whole on every process). `score_responses(rows, responses)`, if given, scores on the host
     instead of the reward model."""
@@ -405,12 +405,12 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
     response = jax.block_until_ready(generate(
         params["policy"], prompt, prompt_mask, key, cfg=cfg.model, max_new_tokens=cfg.ppo.max_new_tokens,
-        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p, stop_id=end_id))
+        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p, stop_ids=end_ids))
     generate_s = time.perf_counter() - start
     host_response = np.asarray(host_copy(response))
     scores = None if score_responses is None else placement.rows(score_responses(rows, host_response))
     batch, stats = experience(params, frozen["reference"], frozen["reward"], frozen["normalization"], prompt,
-                              prompt_mask, response, jnp.float32(beta), scores, cfg=cfg, end_id=end_id,
+                              prompt_mask, response, jnp.float32(beta), scores, cfg=cfg, end_ids=end_ids,
                               pad_id=pad_id)
     batch, stats = jax.tree.map(np.asarray, host_copy((batch, stats)))
     timings = {"generate_s": generate_s, "experience_s": time.perf_counter() - start - generate_s,
@@ -419,7 +419,7 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
 
 
 def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, placement: "_Placement", *,
-                    end_id: int, pad_id: int, gold: bool) -> tuple[dict, dict[str, float]]:
+                    end_ids: tuple[int, ...], pad_id: int, gold: bool) -> tuple[dict, dict[str, float]]:
     """Compile an iteration's generation and `experience` now, as the train step is: each one's
     memory per device is printed, and a rollout too big for the device is refused before the first
     iteration. The iterations' calls have the same shapes and placements, so they reuse both
@@ -436,12 +436,12 @@ def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, plac
         generation = generate.lower(
             params["policy"], prompt, prompt_mask, key, cfg=cfg.model,
             max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k,
-            top_p=cfg.ppo.top_p, stop_id=end_id).compile()
+            top_p=cfg.ppo.top_p, stop_ids=end_ids).compile()
         response = jax.ShapeDtypeStruct(generation.out_info.shape, generation.out_info.dtype,
                                         sharding=generation.out_info.sharding)
         scoring = experience.lower(
             params, frozen["reference"], frozen["reward"], frozen["normalization"], prompt, prompt_mask, response,
-            jnp.float32(0.0), scores, cfg=cfg, end_id=end_id, pad_id=pad_id).compile()
+            jnp.float32(0.0), scores, cfg=cfg, end_ids=end_ids, pad_id=pad_id).compile()
     peaks = {}
     for name, compiled in (("generate", generation), ("experience", scoring)):
         peaks |= peak_record(f"{name}_memory_mib", report_memory(compiled, f"rollout {name}", advice))
@@ -580,9 +580,9 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         frozen |= {"reward": placement.params(reward_params),
                    "normalization": {name: jnp.float32(value) for name, value in normalization.items()}}
     objective = rl_objective(cfg)
-    end_id = tokenizer.special_id(END)
+    end_ids = stop_ids(tokenizer)
     train_batch, rollout_memory = compile_rollout(
-        cfg, strategy.state_to_host(state).params, frozen, prompts, placement, end_id=end_id, pad_id=tokenizer.pad_id,
+        cfg, strategy.state_to_host(state).params, frozen, prompts, placement, end_ids=end_ids, pad_id=tokenizer.pad_id,
         gold=score_responses is not None)
     train_step = make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum)
 
@@ -627,7 +627,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                 with placement.context():
                     response, batch, stats, timings = rollout(
                         cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
-                        end_id=end_id, pad_id=tokenizer.pad_id, score_responses=score_responses)
+                        end_ids=end_ids, pad_id=tokenizer.pad_id, score_responses=score_responses)
                 start = time.perf_counter()
                 state, updates = ppo_updates(state, batch, steps, strategy, cfg, iteration, key, minibatch_rows, text)
                 iteration += 1

@@ -38,15 +38,20 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "with_logprobs", "stop_id"))
-def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_tokens: int,
-             temperature=1.0, top_k: int = 0, top_p=1.0, with_logprobs: bool = False, stop_id: int | None = None):
+def is_stop(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+    """True where a token is one of `stop_ids` (a chat model's turn may end on several tokens)."""
+    return jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "with_logprobs", "stop_ids"))
+def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_tokens: int, temperature=1.0,
+             top_k: int = 0, top_p=1.0, with_logprobs: bool = False, stop_ids: tuple[int, ...] | None = None):
     """New tokens [B, max_new_tokens] after left-padded prompts [B, P]; with `with_logprobs`, also
     each token's log-probability under softmax(logits / temperature) (before top-k/top-p).
 
-    With `stop_id` (end-of-turn), decoding stops as soon as every row has emitted it: each row's
-    tokens up to its first `stop_id` are those of a run without it (the same key per step), and
-    the slots after the last row stopped hold `stop_id` (log-probability 0). Chat answers end
+    With `stop_ids` (end of turn), decoding stops as soon as every row has emitted one: each row's
+    tokens up to its first stop token are those of a run without them (the same key per step), and
+    the slots after the last row stopped hold `stop_ids[0]` (log-probability 0). Chat answers end
     long before the token limit, so this skips most of the steps.
     """
     model = GPT(cfg)
@@ -67,7 +72,7 @@ def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_toke
 
     keys = jax.random.split(rng, max_new_tokens)
     start = (cache, logits[:, -1], positions[:, -1] + 1)
-    if stop_id is None:
+    if stop_ids is None:
         _, emitted = jax.lax.scan(step, start, keys)
         return jax.tree.map(lambda x: x.T, emitted)
 
@@ -80,9 +85,9 @@ def generate(params, prompt, prompt_mask, rng, *, cfg: ModelConfig, max_new_toke
         carry, new = step(carry, keys[i])
         token = new[0] if with_logprobs else new
         emitted = jax.tree.map(lambda slots, x: slots.at[i].set(x), emitted, new)
-        return i + 1, carry, stopped | (token == stop_id), emitted
+        return i + 1, carry, stopped | is_stop(token, stop_ids), emitted
 
-    slots = jnp.full((max_new_tokens, batch), stop_id, jnp.int32)
+    slots = jnp.full((max_new_tokens, batch), stop_ids[0], jnp.int32)
     emitted = (slots, jnp.zeros((max_new_tokens, batch), jnp.float32)) if with_logprobs else slots
     loop = (jnp.int32(0), start, jnp.zeros(batch, bool), emitted)
     _, _, _, emitted = jax.lax.while_loop(unfinished, decode_one, loop)

@@ -10,6 +10,7 @@ the model's own special tokens instead (its end-of-sequence ids, `eos_ids`).
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ TOKENIZER_FILE = "tokenizer.json"
 SP_MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "hf_tokenizer.json"
 HF_TOKENIZER_CONFIG_FILE = "hf_tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class CharTokenizer:
@@ -245,12 +247,16 @@ class HFTokenizer:
     def from_path(cls, path: epath.Path) -> "HFTokenizer":
         """The tokenizer of a Hugging Face model folder (or of a tokenizer.json file in one):
         tokenizer.json, with the special tokens that config.json, generation_config.json and
-        tokenizer_config.json beside it name."""
+        tokenizer_config.json beside it name, and the chat template of tokenizer_config.json or
+        chat_template.jinja."""
         folder = path if path.is_dir() else path.parent
         path = folder / "tokenizer.json" if path.is_dir() else path
         if not path.exists():
             raise UserError(f"{path}: no such file (a Hugging Face fast tokenizer's tokenizer.json is needed)")
-        tokenizer = cls(path.read_text(), {}, _read_json(folder / "tokenizer_config.json") or None)
+        config = _read_json(folder / "tokenizer_config.json")
+        if (folder / CHAT_TEMPLATE_FILE).exists():  # where transformers >= 4.43 saves the template
+            config["chat_template"] = (folder / CHAT_TEMPLATE_FILE).read_text()
+        tokenizer = cls(path.read_text(), {}, config or None)
         model, generation = _read_json(folder / "config.json"), _read_json(folder / "generation_config.json")
         tok_config = tokenizer.tokenizer_config or {}
         rust = tokenizer.tokenizer
@@ -263,6 +269,17 @@ class HFTokenizer:
         tokenizer.special = {"eos_ids": ids["eos"], "bos_id": (ids["bos"] or [None])[0],
                              "pad_id": (ids["pad"] or [None])[0]}
         return tokenizer
+
+    def with_chat_tokens(self) -> "HFTokenizer":
+        """This tokenizer with this project's chat template's role and end-of-turn tokens added as
+        special tokens (after the model's own ids), for a model that has no chat template."""
+        from tokenizers import AddedToken
+
+        grown = type(self)(self.tokenizer_json, self.special, self.tokenizer_config)
+        grown.tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                            for token in (SYSTEM, USER, ASSISTANT, END)])
+        grown.tokenizer_json = grown.tokenizer.to_str()
+        return grown
 
     @property
     def vocab_size(self) -> int:
@@ -278,11 +295,38 @@ class HFTokenizer:
             return self.special["pad_id"]
         return self.eos_ids[0] if self.eos_ids else 0
 
+    @property
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template (tokenizer_config.json's `chat_template`; of a list of
+        named templates, the one named "default"), or None."""
+        template = (self.tokenizer_config or {}).get("chat_template")
+        if isinstance(template, list):
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (role markers, end of turn, end of text)."""
+        return frozenset(i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special)
+
+    @functools.cached_property
+    def template_stop_ids(self) -> tuple[int, ...]:
+        """`stop_ids` under the model's chat template, found once by rendering a probe turn."""
+        probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+        tokens, mask = _encode_template_chat(self, probe, False)
+        closing = [int(i) for i in tokens[mask > 0] if int(i) in self.special_ids]
+        ids = tuple(dict.fromkeys(closing + self.eos_ids))
+        if not ids:
+            raise UserError("the model's chat template closes an assistant turn with no special token and the "
+                            "model names no eos_token_id: generation could not stop")
+        return ids
+
     def special_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise UserError(f"the Hugging Face tokenizer has no token {token!r} (this project's chat template "
-                            "needs it; chat templates of Hugging Face models are not supported yet)")
+            raise UserError(f"the Hugging Face tokenizer has no token {token!r} and its tokenizer_config.json no "
+                            "chat_template: add a chat_template to the model folder's tokenizer_config.json "
+                            "before import-hf")
         return token_id
 
     def encode(self, text: str) -> np.ndarray:
@@ -344,13 +388,20 @@ def load_tokenizer(directory: epath.Path) -> Tokenizer:
 # The chat template: every message is its role token, its content and the end-of-turn token,
 #     <|system|>You are terse.<|end|><|user|>reverse abc<|end|><|assistant|>cba<|end|>
 # with no other separators. A prompt for generation ends with the assistant's role token, and the
-# model answers until it emits <|end|>.
+# model answers until it emits <|end|>. A Hugging Face tokenizer with a chat template uses the
+# model's own template instead (`_encode_template_chat`).
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+def _uses_model_template(tokenizer: Tokenizer) -> bool:
+    return isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template is not None
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], generation_prompt: bool = False):
     """(tokens, loss_mask) of a conversation in the chat template. loss_mask is 1 exactly on the
-    assistant's content tokens and their end-of-turn token: what SFT learns to produce."""
+    assistant's content tokens and their end-of-turn token(s): what SFT learns to produce."""
+    if _uses_model_template(tokenizer):
+        return _encode_template_chat(tokenizer, messages, generation_prompt)
     tokens: list[np.ndarray] = []
     mask: list[np.ndarray] = []
     end = tokenizer.special_id(END)
@@ -366,12 +417,71 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], generation_prompt: b
     return np.concatenate(tokens), np.concatenate(mask)
 
 
+def _render(tokenizer: "HFTokenizer", messages: list[dict], generation_prompt: bool) -> str:
+    """The conversation as text in the model's chat template, rendered by transformers (the hf
+    extra), which implements Hugging Face's template environment."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        raise UserError("this run's tokenizer has a chat template, which needs transformers: "
+                        "pip install 'genai-jax[hf]'") from None
+    config = tokenizer.tokenizer_config or {}
+    tokens = {name: value["content"] if isinstance(value, dict) else value
+              for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+              if isinstance(value := config.get(name), (str, dict))}
+    try:
+        rendered, _ = render_jinja_template([messages], chat_template=tokenizer.chat_template,
+                                            add_generation_prompt=generation_prompt, **tokens)
+    except Exception as err:  # the template's own raise_exception(), or a Jinja error
+        raise UserError(f"the model's chat template refused the conversation: {err}") from None
+    return rendered[0]
+
+
+def _encode_template_chat(tokenizer: "HFTokenizer", messages: list[dict], generation_prompt: bool):
+    """(tokens, loss_mask) in the model's template. The text is rendered a prefix at a time, up to
+    each assistant turn's start (the template's generation prompt) and up to its end, and each
+    piece is encoded on its own, so a prompt encodes exactly as it does for generation; the mask
+    is 1 on the assistant pieces (the content and the template's end of turn)."""
+    pieces, mask, done = [], [], ""
+
+    def add(text: str, learned: bool) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise UserError("the model's chat template does not render a conversation as a prefix of its "
+                            "continuation (e.g. it rewrites earlier turns), so prompts and responses cannot be split")
+        ids = tokenizer.encode(text[len(done):])
+        pieces.append(ids)
+        mask.append(np.full(len(ids), float(learned), np.float32))
+        done = text
+
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            add(_render(tokenizer, messages[:i], True), False)
+        add(_render(tokenizer, messages[: i + 1], False), message["role"] == "assistant")
+    if generation_prompt:
+        add(_render(tokenizer, messages, True), False)
+    return np.concatenate(pieces).astype(np.int32), np.concatenate(mask)
+
+
+def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The tokens that end an assistant's turn: <|end|> in this project's template; in a model's
+    own template the special tokens that close an assistant turn (e.g. <|im_end|>, <|eot_id|>)
+    and the model's end-of-sequence ids (config.json's eos_token_id may be a list)."""
+    if _uses_model_template(tokenizer):
+        return tokenizer.template_stop_ids
+    return (tokenizer.special_id(END),)
+
+
 def decode_response(tokenizer: Tokenizer, ids) -> tuple[str, bool]:
-    """(text, ended): the generated tokens up to the first end-of-turn, and whether there was one."""
+    """(text, ended): the generated tokens up to the first end of turn (`stop_ids`), special tokens
+    left out, and whether there was one."""
     ids = np.asarray(ids).tolist()
-    end = tokenizer.special_id(END)
-    ended = end in ids
-    if ended:
-        ids = ids[: ids.index(end)]
-    specials = {tokenizer.special_id(token) for token in SPECIAL_TOKENS}
-    return tokenizer.decode([i for i in ids if i not in specials]), ended
+    stops = set(stop_ids(tokenizer))
+    end = next((position for position, i in enumerate(ids) if i in stops), None)
+    if end is not None:
+        ids = ids[:end]
+    if isinstance(tokenizer, HFTokenizer):
+        specials = tokenizer.special_ids
+    else:
+        specials = {tokenizer.special_id(token) for token in SPECIAL_TOKENS}
+    return tokenizer.decode([i for i in ids if i not in specials]), end is not None

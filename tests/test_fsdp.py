@@ -328,7 +328,7 @@ def rollout(strategy, models, host_state, temperatures, end_id=None):
         if end_id is None:
             end_id = int(np.asarray(responses[0])[0, NEW_TOKENS // 2])
         batch, stats = experience(params, ref_params, reward_params, normalization, prompt, prompt_mask,
-                                  responses[0], jnp.float32(cfg.ppo.kl_coef), cfg=cfg, end_id=end_id, pad_id=PAD)
+                                  responses[0], jnp.float32(cfg.ppo.kl_coef), cfg=cfg, end_ids=(end_id,), pad_id=PAD)
     return responses, batch, stats, end_id, params
 
 
@@ -398,7 +398,7 @@ def test_ppo_loop_rollout_under_mesh_matches_single_device(models, ppo_state, si
     with placement.context():
         response, batch, stats, _ = rlhf.rollout(
             PPO_RUN, strategy.state_to_host(state).params, frozen, rlhf.Prompts(tokens, mask, None),
-            np.arange(ROWS), PPO_RUN.ppo.kl_coef, jax.random.PRNGKey(7), placement, end_id=end_id, pad_id=PAD)
+            np.arange(ROWS), PPO_RUN.ppo.kl_coef, jax.random.PRNGKey(7), placement, end_ids=(end_id,), pad_id=PAD)
     np.testing.assert_array_equal(response, np.asarray(expected_responses[0]))
     assert set(batch) == set(expected_batch)
     for name, value in batch.items():

@@ -22,7 +22,8 @@ from genai_jax.config import DataConfig, RunConfig, UserError
 from genai_jax.model import GPT, init_cache
 from genai_jax.optim import make_optimizer
 from genai_jax.sampling import generate
-from genai_jax.tokenizer import CharTokenizer, HFTokenizer, build_tokenizer, load_tokenizer
+from genai_jax.tokenizer import (CharTokenizer, HFTokenizer, build_tokenizer, decode_response, encode_chat,
+                                 load_tokenizer, stop_ids)
 from genai_jax.train import make_init_fn
 
 VOCAB = 300  # the model's vocabulary: the tokenizer's 262 tokens, padded as real checkpoints are
@@ -134,7 +135,7 @@ def test_tokenizer_encodes_and_decodes_like_the_fast_tokenizer(imported):
     _, folder, _, run_dir = imported
     fast = transformers.AutoTokenizer.from_pretrained(folder)
     ours = load_tokenizer(run_dir)
-    assert isinstance(ours, HFTokenizer) and ours.vocab_size == len(fast)
+    assert isinstance(ours, HFTokenizer) and ours.vocab_size == len(fast) + 4  # no chat template: 4 chat tokens
     for text in (TEXT, "unseen wörds ünd ☃ <|im_end|> too", "  spaces\n\nand lines "):
         ids = ours.encode(text)
         assert ids.tolist() == fast.encode(text, add_special_tokens=False)
@@ -260,3 +261,106 @@ def test_data_tokenizer_hf_builds_from_a_file_or_folder(tmp_path):
         assert load_tokenizer(epath.Path(tmp_path / f"run{i}")).encode(TEXT).tolist() == built.encode(TEXT).tolist()
     with pytest.raises(UserError, match="needs data.tokenizer_path"):
         build_tokenizer(DataConfig(tokenizer="hf"), TEXT, epath.Path(tmp_path / "run"))
+
+
+# Chat templates: the model's own, from its tokenizer_config.json / chat_template.jinja
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello fox"},
+        {"role": "assistant", "content": "hello world"}, {"role": "user", "content": "the dog?"},
+        {"role": "assistant", "content": "lazy"}]
+
+
+def save_chat_model(folder) -> transformers.PreTrainedTokenizerFast:
+    """The tiny Qwen2 model with a ChatML template (saved by transformers, as Qwen's is) and room
+    for a templated prompt and its answer (the byte-level template text takes many tokens)."""
+    save_model("qwen2-bias-untied", folder, max_position_embeddings=128)
+    tokenizer = bpe_and_template()
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_the_model_chat_template_gives_transformers_tokens_and_masks_the_answers(tmp_path):
+    theirs = save_chat_model(tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    ours = load_tokenizer(tmp_path / "run")
+    tokens, mask = encode_chat(ours, CHAT)
+    assert tokens.tolist() == list(theirs.apply_chat_template(CHAT, tokenize=True, return_dict=False))
+    answers = [ours.decode(tokens[start:end]) for start, end in runs_of_ones(mask)]
+    assert answers == ["hello world<|im_end|>\n", "lazy<|im_end|>\n"]
+    prompt, prompt_mask = encode_chat(ours, CHAT[:2], generation_prompt=True)
+    assert prompt.tolist() == list(theirs.apply_chat_template(CHAT[:2], add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False))
+    assert not prompt_mask.any()
+    im_end = theirs.convert_tokens_to_ids("<|im_end|>")
+    assert stop_ids(ours) == (im_end, 0)  # the template's end of turn, then config.json's eos_token_id
+    text, ended = decode_response(ours, ours.encode("cba<|im_end|>\nmore"))
+    assert (text, ended) == ("cba", True)
+
+
+def runs_of_ones(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def test_a_model_without_a_chat_template_gets_the_project_tokens_and_a_grown_embedding(tmp_path):
+    """GPT-2 with a vocabulary exactly its tokenizer's (262): the four chat tokens grow it to 266;
+    the old tokens' logits are transformers' (the new rows are the mean of the old)."""
+    model = save_model("gpt2", tmp_path / "hf", vocab_size=262)
+    record = hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    cfg, tokenizer, params = runs.load_trained(tmp_path / "run")
+    assert record["source_vocab_size"] == 262 and cfg.model.vocab_size == tokenizer.vocab_size == 266
+    assert record["chat_template"] == "genai-jax"
+    tokens, mask = encode_chat(tokenizer, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fox"}])
+    assert tokenizer.decode(tokens) == "<|user|>hello<|end|><|assistant|>fox<|end|>"
+    assert stop_ids(tokenizer) == (tokenizer.special_id("<|end|>"),)
+    wte = np.asarray(params["params"]["wte"])
+    np.testing.assert_allclose(wte[262:], np.broadcast_to(wte[:262].mean(0), (4, wte.shape[1])), atol=1e-7)
+    prompt = tokens_of(5, (2, 10)) % 262
+    logits = np.asarray(GPT(cfg.model).apply(params, prompt))
+    np.testing.assert_allclose(logits[..., :262], torch_logits(model, prompt), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["model", "genai-jax"])
+def test_sft_and_generate_from_an_imported_chat_model(capsys, tmp_path, template):
+    """import-hf -> sft (no --model flags: they come from the import) -> generate -> export-hf, in
+    the model's own template (Qwen2 with ChatML) or, for a model without one (GPT-2), this project's."""
+    if template == "model":
+        save_chat_model(tmp_path / "hf")
+    else:
+        save_model("gpt2", tmp_path / "hf", n_positions=128)
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": f"hello {w}", "response": f"the {w}"}) + "\n"
+                             for w in ["fox", "dog", "world", "brown", "lazy"] * 4))
+    code, _, err = run_cli(capsys, "sft", "--init-from", tmp_path / "run", "--run-dir", tmp_path / "sft",
+                           "--data.path", chats, "--data.seq-len", 64, "--train.batch-size", 8, "--train.max-steps", 3,
+                           "--train.eval-every", 3, "--train.eval-batches", 1, "--train.sample-tokens", 0,
+                           "--train.no-progress")
+    assert code == 0, err
+    assert rundir.read_config(tmp_path / "sft").model == dataclasses.replace(
+        rundir.read_config(tmp_path / "run").model, dropout=0.0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello fox"}) + "\n")
+    code, _, err = run_cli(capsys, "generate", "--run", tmp_path / "sft", "--prompts", prompts,
+                           "--out", tmp_path / "out.jsonl", "--max-new-tokens", 8, "--temperature", 0)
+    assert code == 0, err
+    response = json.loads((tmp_path / "out.jsonl").read_text())["response"]
+    assert not any(token in response for token in ("<|im_end|>", "<|im_start|>", "<|end|>", "<|assistant|>"))
+    code, _, err = run_cli(capsys, "export-hf", "--run", tmp_path / "sft", "--out", tmp_path / "out")
+    assert code == 0, err
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    if template == "model":
+        assert exported.apply_chat_template(CHAT, tokenize=False) == bpe_and_template().apply_chat_template(
+            CHAT, tokenize=False)
+    else:  # the added tokens and the grown embedding travel with the export
+        assert exported.convert_tokens_to_ids("<|end|>") == load_tokenizer(tmp_path / "sft").special_id("<|end|>")
+        assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size == VOCAB
+
+
+def bpe_and_template() -> transformers.PreTrainedTokenizerFast:
+    tokenizer = bpe_tokenizer()
+    tokenizer.chat_template = CHATML
+    return tokenizer

@@ -269,7 +269,7 @@ def run_experience(models, response, *, cfg=PPO_RUN, end_id, policy="policy", re
     params = {"policy": models[policy], "value": models["value"]}
     normalization = {"gain": jnp.float32(gain), "bias": jnp.float32(bias)}
     batch, stats = experience(params, models[ref], models["reward"], normalization, prompt, prompt_mask,
-                              jnp.asarray(response), jnp.float32(beta), cfg=cfg, end_id=end_id, pad_id=PAD)
+                              jnp.asarray(response), jnp.float32(beta), cfg=cfg, end_ids=(end_id,), pad_id=PAD)
     return jax.tree.map(np.asarray, batch), {name: float(value) for name, value in stats.items()}
 
 

@@ -92,7 +92,7 @@ def test_stop_id_ends_decoding_once_every_row_has_stopped(model):
             break
     assert last_stop < 14
     stopped_tokens, stopped_logprobs = (np.asarray(x) for x in generate(
-        params, batch, mask, key, stop_id=stop_id, **sampling))
+        params, batch, mask, key, stop_ids=(stop_id,), **sampling))
     for row in range(len(tokens)):
         end = list(tokens[row]).index(stop_id) + 1
         np.testing.assert_array_equal(stopped_tokens[row, :end], tokens[row, :end])
@@ -100,3 +100,22 @@ def test_stop_id_ends_decoding_once_every_row_has_stopped(model):
     assert (stopped_tokens[:, last_stop + 1:] == stop_id).all()
     assert (stopped_logprobs[:, last_stop + 1:] == 0).all()
     assert (tokens[:, last_stop + 1:] != stop_id).any()  # without stop_id, decoding went on
+
+
+def test_each_row_stops_at_the_first_of_several_stop_ids(model):
+    """`stop_ids` of two tokens (as a chat model's <|im_end|> and <|endoftext|>): a row's tokens up
+    to the first of either are those of a run without stopping, and decoding ends once every row
+    has emitted one of them."""
+    cfg, params = model
+    batch, mask = left_pad([random_tokens(5, seed=s) for s in range(4)], 5, pad_id=0)
+    sampling = dict(cfg=cfg, max_new_tokens=16, temperature=1.0)
+    key = jax.random.PRNGKey(1)
+    tokens = np.asarray(generate(params, batch, mask, key, **sampling))
+    stops = tuple(int(t) for t in (tokens[0, 2], tokens[1, 3]))  # two tokens the rows really emit
+    stopped = np.asarray(generate(params, batch, mask, key, stop_ids=stops, **sampling))
+    ends = [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in tokens]
+    for row, end in enumerate(ends):
+        np.testing.assert_array_equal(stopped[row, :end], tokens[row, :end])
+    assert ends[0] <= 3 and ends[1] <= 4
+    if max(ends) < 16:  # every row stopped: the slots after the last stop hold stops[0]
+        assert (stopped[:, max(ends):] == stops[0]).all()

@@ -125,17 +125,13 @@ def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, 
     return rows, dataclasses.asdict(stats)
 
 
-def response_tokens(tokenizer: Tokenizer, prompt, response: str, seq_len: int) -> tuple[np.ndarray, bool]:
-    """(tokens, truncated): prompt + response in the chat template, keeping the last seq_len
-    tokens (a reward is read at the end)."""
-    tokens = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": response}])[0]
-    return tokens[-seq_len:], len(tokens) > seq_len
-
-
-def response_length(tokenizer: Tokenizer, response: str) -> int:
-    """Tokens of an assistant answer in the chat template after its role token: the content and
-    its end of turn (an empty answer is its end of turn alone)."""
-    return len(tokenizer.encode(response)) + 1
+def response_tokens(tokenizer: Tokenizer, prompt, response: str, seq_len: int) -> tuple[np.ndarray, int, bool]:
+    """(tokens, answer, truncated): prompt + response in the chat template keeping the last seq_len
+    tokens (a reward is read at the end), how many of them are the answer (its content and end of
+    turn: an empty answer is its end of turn alone), and whether the start was cut."""
+    tokens, mask = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": response}])
+    answer = len(mask) - 1 - int(np.flatnonzero(mask == 0)[-1])  # the final run of learned tokens
+    return tokens[-seq_len:], min(answer, seq_len), len(tokens) > seq_len
 
 
 def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: str = "truncate", first: int = 1,
@@ -165,15 +161,14 @@ def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: 
             encoded = [response_tokens(tokenizer, group.prompt, response, seq_len) for response in group.responses]
         except UserError as err:
             raise UserError(f"{name(number)}: {err}") from None
-        if any(truncated for _, truncated in encoded):
+        if any(truncated for _, _, truncated in encoded):
             if overlong == "drop":
                 stats["dropped"] += 1
                 continue
             stats["truncated"] += 1
-        for i, ((tokens, _), response) in enumerate(zip(encoded, group.responses)):
+        for i, (tokens, answer, _) in enumerate(encoded):
             rows["tokens"][kept, i, : len(tokens)] = tokens
             rows["mask"][kept, i, : len(tokens)] = 1
-            answer = min(response_length(tokenizer, response), len(tokens))
             rows["response"][kept, i, len(tokens) - answer : len(tokens)] = 1
         rows["rank"][kept, list(group.ranking)] = np.arange(len(group.ranking))
         rows["valid"][kept, : len(group.responses)] = True
