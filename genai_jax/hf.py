@@ -34,11 +34,9 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig, ModelConfig, RunConfig, UserError
 from genai_jax.distributed import say
 from genai_jax.model import grow_vocab, init_params, mlp_hidden
-from genai_jax.optim import make_optimizer
 from genai_jax.parallel import host_peak_mib
 from genai_jax.runs import load_trained, with_vocab
 from genai_jax.tokenizer import HFTokenizer
-from genai_jax.train import make_init_fn
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -386,7 +384,8 @@ def _check_empty(directory: epath.Path, flag: str) -> None:
 def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
     """Make `run_dir` a run directory holding the Hugging Face model in `folder`: its config as
     this project's (model section from config.json, data.tokenizer=hf), its tokenizer, and a step-0
-    checkpoint (the params, a fresh optimizer state) that every stage and command loads. A model
+    checkpoint of the params alone (`runs.load_trained` reads only those) that every stage and
+    command loads. A model
     without a chat template gets this project's role and end-of-turn tokens, and its embedding
     grows if they do not fit in its vocabulary (`grow_vocab`). Every
     check runs before anything is written. Returns the import's record (also in metrics.jsonl)."""
@@ -406,11 +405,10 @@ def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
     params = read_params(table, files)
     if model_cfg.vocab_size > source_cfg.vocab_size:
         params = grow_vocab(params, model_cfg.vocab_size)
-    state = make_init_fn(lambda _: params, make_optimizer(cfg.optim, cfg.train.max_steps), cfg.train.seed)()
     rundir.write_config(run_dir, cfg)
     tokenizer.save(run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints")
-    checkpointer.save(0, state, {})
+    checkpointer.save(0, {"step": jnp.zeros((), jnp.int32), "params": params}, {})  # no optimizer state
     checkpointer.close()
     record = {"step": 0, "imported_from": os.fspath(folder), "family": family,
               "n_params": sum(x.size for x in jax.tree.leaves(params)),

@@ -20,7 +20,7 @@ from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.model import init_params
-from genai_jax.optim import make_optimizer, make_ppo_optimizer
+from genai_jax.optim import make_ppo_optimizer
 from genai_jax.parallel import Mesh, Single, sync_processes
 from genai_jax.tokenizer import Tokenizer, load_tokenizer
 from genai_jax.train import make_init_fn
@@ -58,6 +58,9 @@ def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunCon
     foreign = not resuming and run_dir.exists() and any(run_dir.iterdir())
     sync_processes("open_run: looked")
     if resuming:
+        if any("imported_from" in record for record in rundir.read_metrics(run_dir)[:1]):
+            raise UserError(f"{run_dir} holds an imported model (import-hf), which is not trained further in "
+                            "place: start a stage from it with --init-from (sft, reward, dpo) or --policy (ppo)")
         tokenizer = load_tokenizer(run_dir)
         cfg = with_vocab(cfg, tokenizer)
         rundir.check_resumable(run_dir, cfg)
@@ -96,18 +99,18 @@ def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
 
 
 def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
-    """(config, tokenizer, params) of a run's latest checkpoint, on the default device."""
+    """(config, tokenizer, params) of a run's latest checkpoint, on the default device: of an
+    RLHF run its policy. Only the params are read, not the optimizer state."""
     run_dir = epath.Path(run_dir)
     cfg = rundir.read_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints")
     if checkpointer.latest_step() is None:
         raise UserError(f"{run_dir}: no checkpoint yet")
-    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} (or {"policy"}) under the PPO optimizer
-        init_fn = make_ppo_init_fn(cfg)
+    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} (or {"policy"}); the policy alone is read
+        abstract = {"policy": jax.eval_shape(make_ppo_init_fn(cfg)).params["policy"]}
     else:
-        init_fn = make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps),
-                               cfg.train.seed)
-    state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
+        abstract = jax.eval_shape(partial(init_params, cfg.model), jax.random.PRNGKey(0))
+    params = checkpointer.restore_params(restore_target(abstract, Single()))
     checkpointer.close()
-    return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params
+    return cfg, tokenizer, params["policy"] if cfg.ppo.policy else params

@@ -364,3 +364,16 @@ def bpe_and_template() -> transformers.PreTrainedTokenizerFast:
     tokenizer = bpe_tokenizer()
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+def test_the_import_checkpoint_holds_the_params_alone_and_is_not_resumed(capsys, tmp_path):
+    """No optimizer state in the import's checkpoint (a third of the bytes: no Adam moments), and a
+    stage pointed at the import's directory itself is refused, leaving it as it was."""
+    save_model("llama-kv2-untied", tmp_path / "hf")
+    record = hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    stored = sum(f.stat().st_size for f in (tmp_path / "run" / "checkpoints").rglob("*") if f.is_file())
+    assert stored < 1.5 * 4 * record["n_params"]  # float32 params, plus orbax's metadata
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    code, _, err = run_cli(capsys, "pretrain", "--run-dir", tmp_path / "run", "--train.max-steps", 1)
+    assert code == 2 and "holds an imported model" in err and "--init-from" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
