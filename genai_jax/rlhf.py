@@ -41,7 +41,7 @@ from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import loader, sources, world
-from genai_jax.data.conversations import read_prompts_jsonl
+from genai_jax.data.conversations import prompt_line, read_prompts_jsonl
 from genai_jax.evaluation import bucketed_len, left_pad, policy_gold
 from genai_jax.metrics import summary
 from genai_jax.model import GPT, count_params, with_scalar_head
@@ -174,12 +174,22 @@ def load_prompts(cfg: RunConfig, tokenizer: Tokenizer) -> Prompts:
         chats = [[{"role": "user", "content": prompt}] for prompt in read_prompts_jsonl(cfg.data.path)]
     else:
         raise UserError(f"ppo takes prompts from the task world or --data.path FILE.jsonl, not data.source={source!r}")
-    encoded = [encode_chat(tokenizer, chat, generation_prompt=True)[0] for chat in chats]
+
+    def where(index: int) -> str:
+        if source == "text":
+            return f"{cfg.data.path}:{prompt_line(cfg.data.path, index + 1)}: the prompt"
+        return f"world prompt {index + 1}"
+
+    encoded = []
+    for index, chat in enumerate(chats):
+        try:
+            encoded.append(encode_chat(tokenizer, chat, generation_prompt=True)[0])
+        except UserError as err:
+            raise UserError(f"{where(index)}: {err}") from None
     longest = int(np.argmax([len(e) for e in encoded]))
     room = cfg.model.context_len - cfg.ppo.max_new_tokens
     if len(encoded[longest]) > room:
-        where = f"{cfg.data.path}: prompt {longest + 1}" if source == "text" else f"world prompt {longest + 1}"
-        raise UserError(f"{where} has {len(encoded[longest])} tokens; with ppo.max_new_tokens="
+        raise UserError(f"{where(longest)} has {len(encoded[longest])} tokens; with ppo.max_new_tokens="
                         f"{cfg.ppo.max_new_tokens} it exceeds model.context_len={cfg.model.context_len}")
     prompt_len = bucketed_len(len(encoded[longest]), room)
     tokens, mask = left_pad(encoded, prompt_len, tokenizer.pad_id)

@@ -3,6 +3,7 @@ hand computations; the rollout's `experience` against the sampler; one PPO train
 strategy; the order prompts are drawn in. GRPO and RLOO: their advantages, objective, experience,
 groups and one step under every strategy."""
 
+import re
 from functools import partial
 
 import jax
@@ -20,10 +21,11 @@ from genai_jax.objectives.critic_free import group_advantages, leave_one_out_adv
 from genai_jax.objectives.ppo import adaptive_kl_update, gae, kl_estimate, make_ppo_objective, masked_whiten
 from genai_jax.parallel import Mesh, Pmap, Single
 from genai_jax.optim import make_ppo_optimizer
-from genai_jax.rlhf import (Prompts, check_algorithm, check_batches, experience, pack_minibatch, packed_rows,
-                            prompt_rows, response_mask, rl_objective, update_order)
+from genai_jax.rlhf import (Prompts, check_algorithm, check_batches, experience, load_prompts, pack_minibatch,
+                            packed_rows, prompt_rows, response_mask, rl_objective, update_order)
 from genai_jax.runs import make_ppo_init_fn
 from genai_jax.sampling import generate
+from genai_jax.tokenizer import CharTokenizer
 from genai_jax.train import make_train_step
 
 # ---------------------------------------------------------------------------------------------
@@ -759,3 +761,15 @@ def test_ptx_step_matches_single_device(make_strategy, accum_steps, models, grpo
     for name in expected_metrics:
         np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
     assert_trees_close(params, expected_params, rtol=1e-4, atol=1e-6)
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_or_fit_names_its_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "reverse abc"}\n\n{"prompt": "reverse \\u20ac"}\n')
+    cfg = config.replace(config.preset("tiny", "ppo"), data=dict(path=str(path)), model=dict(context_len=40))
+    tokenizer = CharTokenizer.build("reverse abc")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:3: the prompt: character '\u20ac'"):
+        load_prompts(cfg, tokenizer)
+    path.write_text('{"prompt": "abc"}\n\n\n{"prompt": "' + "abc " * 20 + '"}\n')
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:4: the prompt has 83 tokens"):  # 80 + 3 specials
+        load_prompts(cfg, tokenizer)

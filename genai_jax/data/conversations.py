@@ -64,6 +64,11 @@ def conversation_line(path: str | os.PathLike, number: int) -> int:
     return record_line(path, number, _conversation)
 
 
+def prompt_line(path: str | os.PathLike, number: int) -> int:
+    """The line of a prompts file holding its `number`-th prompt."""
+    return record_line(path, number, _prompt)
+
+
 def read_jsonl_conversations(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[list[dict]], int]:
     """Conversations of a JSONL file and the number of malformed lines skipped.
 
@@ -76,7 +81,11 @@ def read_jsonl_conversations(path: str | os.PathLike, skip_malformed: bool = Fal
 
 def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:
     """The "prompt" of each line of a JSONL file (`{"prompt": str}` per line), for batch generation."""
-    return read_jsonl_records(path, lambda record: _text_field(record, "prompt"), "prompts")[0]
+    return read_jsonl_records(path, _prompt, "prompts")[0]
+
+
+def _prompt(record: dict) -> str:
+    return _text_field(record, "prompt")
 
 
 def dolly_conversations(split: str = "train") -> list[list[dict]]:
