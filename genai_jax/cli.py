@@ -171,8 +171,9 @@ class ImportHFArgs:
 
 @dataclass(frozen=True)
 class ExportHFArgs:
-    """Write a run's latest policy as a Hugging Face model folder (config.json, model.safetensors,
-    and the tokenizer files of a run with an hf tokenizer) that transformers' from_pretrained loads."""
+    """Write a run's latest policy (a causal LM) or reward model (a one-label sequence classifier)
+    as a Hugging Face model folder (config.json, model.safetensors, and the tokenizer files of a run
+    with an hf tokenizer) that transformers' from_pretrained loads."""
 
     run: str
     """Run directory to export."""

@@ -35,6 +35,7 @@ from genai_jax.config import DataConfig, ModelConfig, RunConfig, UserError
 from genai_jax.distributed import say
 from genai_jax.model import grow_vocab, init_params, mlp_hidden
 from genai_jax.parallel import host_peak_mib
+from genai_jax.reward import NORMALIZATION_FILE, load_normalization
 from genai_jax.runs import load_trained, with_vocab
 from genai_jax.tokenizer import HFTokenizer
 
@@ -446,25 +447,51 @@ def _tokenizer_files(tokenizer) -> dict[str, str]:
     return {"tokenizer.json": tokenizer.tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
+_CLASSIFIER = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+               "qwen2": "Qwen2ForSequenceClassification"}
+
+
+def _reward_config(family: str, config: dict, head_bias: float, normalization: dict | None, pad_id: int) -> dict:
+    """config.json of a reward model exported as a one-label sequence classifier (as TRL stores
+    reward models). Its `score` layer has no bias, so the logit is this project's raw reward minus
+    the head's bias; the bias and the run's normalisation are kept under `genai_jax_reward`:
+    normalised reward = gain * (logit + head_bias) + bias. transformers reads the logit at each
+    row's last token that is not `pad_token_id`, which a classifier needs even for one row."""
+    if config.get("pad_token_id") is None:
+        config = config | {"pad_token_id": pad_id}
+    return config | {"architectures": [_CLASSIFIER[family]], "num_labels": 1, "id2label": {"0": "LABEL_0"},
+                     "label2id": {"LABEL_0": 0}, "problem_type": "regression",
+                     "genai_jax_reward": {"head_bias": head_bias, "normalization": normalization}}
+
+
 def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
-    """Write a run's latest policy into the folder `out` as a Hugging Face causal LM:
-    config.json, model.safetensors (float32) and, for a run with an hf tokenizer, its
-    tokenizer.json and tokenizer_config.json. Returns {"family", "out", "files"}."""
+    """Write a run's latest model into the folder `out` as a Hugging Face model: a policy (an RLHF
+    run's too) as a causal LM, a reward model (model.head=scalar) as a one-label sequence
+    classifier (`_reward_config`); config.json, model.safetensors (float32) and, for a run with an
+    hf tokenizer, its tokenizer.json and tokenizer_config.json. Returns {"family", "out", "files"}."""
     run_dir, out = epath.Path(run_dir), epath.Path(out)
     cfg = rundir.read_config(run_dir)
-    if cfg.model.head != "lm" and not cfg.ppo.policy:
-        raise UserError(f"{run_dir}: model.head={cfg.model.head}: only language models (policies) can be exported")
+    if cfg.model.head not in ("lm", "scalar") and not cfg.ppo.policy:
+        raise UserError(f"{run_dir}: model.head={cfg.model.head}: only policies and reward models can be exported")
+    reward_model = cfg.model.head == "scalar" and not cfg.ppo.policy
     family = export_family(cfg.model, str(run_dir))
     _check_empty(out, "--out")
     cfg, tokenizer, params = load_trained(run_dir)
     export_cfg = dataclasses.replace(cfg.model, bias=True) if family == "gpt2" else cfg.model
-    params = _zero_filled(params["params"], export_cfg)
+    trunk_cfg = dataclasses.replace(export_cfg, tie_embeddings=True) if reward_model else export_cfg  # no lm_head
+    params = _zero_filled(params["params"], trunk_cfg)
     prefix = "transformer." if family == "gpt2" else "model."
     tensors = {}
-    for link in links(family, export_cfg, prefix):
+    for link in links(family, trunk_cfg, prefix):
         tensors.update(zip(link.names, (np.asarray(x, np.float32) for x in link.split(_get(params, link.path)))))
+    config = hf_config(family, export_cfg, tokenizer)
+    if reward_model:
+        head = params["scalar_head"]
+        tensors["score.weight"] = np.asarray(head["kernel"], np.float32).T
+        normalization = load_normalization(run_dir) if (run_dir / NORMALIZATION_FILE).exists() else None
+        config = _reward_config(family, config, float(head["bias"][0]), normalization, tokenizer.pad_id)
     out.mkdir(parents=True, exist_ok=True)
-    (out / rundir.CONFIG_FILE).write_text(json.dumps(hf_config(family, export_cfg, tokenizer), indent=2))
+    (out / rundir.CONFIG_FILE).write_text(json.dumps(config, indent=2))
     save_file(tensors, os.fspath(out / SAFETENSORS_FILE), metadata={"format": "pt"})
     written = [rundir.CONFIG_FILE, SAFETENSORS_FILE]
     for name, text in _tokenizer_files(tokenizer).items():
@@ -472,5 +499,5 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
         written.append(name)
     if not isinstance(tokenizer, HFTokenizer):
         say(f"{run_dir}'s {cfg.data.tokenizer} tokenizer has no Hugging Face form: only the model was written")
-    say(f"exported {run_dir} as {family} into {out}: {', '.join(written)}")
+    say(f"exported {run_dir} as {config['architectures'][0]} into {out}: {', '.join(written)}")
     return {"family": family, "out": os.fspath(out), "files": written}

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from genai_jax import hf, rundir, runs
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig, RunConfig, UserError
-from genai_jax.model import GPT, init_cache
+from genai_jax.model import GPT, init_cache, with_scalar_head
 from genai_jax.optim import make_optimizer
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import (CharTokenizer, HFTokenizer, build_tokenizer, decode_response, encode_chat,
@@ -377,3 +377,32 @@ def test_the_import_checkpoint_holds_the_params_alone_and_is_not_resumed(capsys,
     code, _, err = run_cli(capsys, "pretrain", "--run-dir", tmp_path / "run", "--train.max-steps", 1)
     assert code == 2 and "holds an imported model" in err and "--init-from" in err
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-kv2-untied"])
+def test_a_reward_model_exports_as_a_one_label_sequence_classifier(tmp_path, name):
+    """A scalar-head run as transformers' ...ForSequenceClassification: its logit plus the head's
+    bias (kept in config.json with the normalisation) is our reward at the last token."""
+    save_model(name, tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "lm")
+    lm_cfg, tokenizer, lm_params = runs.load_trained(tmp_path / "lm")
+    cfg = dataclasses.replace(lm_cfg, model=dataclasses.replace(lm_cfg.model, head="scalar"))
+    params = with_scalar_head(lm_params, cfg.model, jax.random.PRNGKey(1))
+    params["params"]["scalar_head"]["bias"] = params["params"]["scalar_head"]["bias"] + 0.3
+    run = tmp_path / "rm"
+    rundir.write_config(run, cfg)
+    tokenizer.save(run)
+    (run / "reward_normalization.json").write_text(json.dumps({"gain": 2.0, "bias": -1.0}))
+    checkpointer = Checkpointer(run / "checkpoints")
+    checkpointer.save(0, {"step": np.int32(0), "params": params}, {})
+    checkpointer.close()
+    hf.export_hf(run, tmp_path / "out")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert model.config.num_labels == 1 and model.config.genai_jax_reward == {
+        "head_bias": pytest.approx(0.3), "normalization": {"gain": 2.0, "bias": -1.0}}
+    tokens = tokens_of(6, (2, 10)) % 262
+    tokens[tokens == model.config.pad_token_id] = 5  # no padding: the logit is read at the last token
+    with torch.no_grad():
+        logits = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()[:, 0]
+    ours = np.asarray(GPT(cfg.model).apply(params, tokens, head="scalar"))[:, -1]
+    np.testing.assert_allclose(logits + 0.3, ours, atol=1e-4)
