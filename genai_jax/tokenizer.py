@@ -30,10 +30,21 @@ HF_TOKENIZER_CONFIG_FILE = "hf_tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-class CharTokenizer:
-    """One id per character of the corpus (sorted), after the special tokens."""
+class _SpecialsFirst:
+    """The special tokens at ids 0 to 4 (padding first), before the tokenizer's own ids."""
 
     specials = SPECIAL_TOKENS
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def special_id(self, token: str) -> int:
+        return self.specials.index(token)
+
+
+class CharTokenizer(_SpecialsFirst):
+    """One id per character of the corpus (sorted), after the special tokens."""
 
     def __init__(self, chars: str):
         self.chars = chars
@@ -46,13 +57,6 @@ class CharTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.specials) + len(self.chars)
-
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    def special_id(self, token: str) -> int:
-        return self.specials.index(token)
 
     def encode(self, text: str) -> np.ndarray:
         try:
@@ -72,22 +76,13 @@ class CharTokenizer:
         return self
 
 
-class ByteTokenizer:
+class ByteTokenizer(_SpecialsFirst):
     """UTF-8 bytes, one id each after the special tokens: any text encodes, whatever corpus the
     tokenizer saw first (a fine-tuning file may hold characters pretraining never met)."""
-
-    specials = SPECIAL_TOKENS
 
     @property
     def vocab_size(self) -> int:
         return len(self.specials) + 256
-
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    def special_id(self, token: str) -> int:
-        return self.specials.index(token)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + len(self.specials)
