@@ -37,8 +37,8 @@ import tyro
 from etils import epath
 
 from genai_jax import distributed, overrides, rundir
-from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
-                              RunConfig, TrainConfig, UserError, preset)
+from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, LoRAConfig, ModelConfig, ObjectiveConfig, OptimConfig,
+                              PPOConfig, RunConfig, TrainConfig, UserError, preset)
 from genai_jax.distributed import say
 
 
@@ -63,12 +63,13 @@ class StageArgs:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def run_config(self) -> RunConfig:
         train = dataclasses.replace(self.train, init_from=self.init_from) if self.init_from else self.train
         runs = {name: value for name, value in (("policy", self.policy), ("reward", self.reward)) if value}
         return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train, objective=self.objective,
-                         ppo=dataclasses.replace(self.ppo, **runs), dpo=self.dpo)
+                         ppo=dataclasses.replace(self.ppo, **runs), dpo=self.dpo, lora=self.lora)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     name = _preset_name(argv)
     base = preset(name, stage)
     defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train,
-                         objective=base.objective, ppo=base.ppo, dpo=base.dpo)
+                         objective=base.objective, ppo=base.ppo, dpo=base.dpo, lora=base.lora)
     args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")
     if args.preset != name:
         raise UserError("--preset was given twice with different values")
