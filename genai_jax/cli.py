@@ -12,7 +12,7 @@
     genai-jax generate --run DIR --prompt TEXT | --prompts FILE.jsonl [--out OUT.jsonl]
     genai-jax chat --run DIR
     genai-jax import-hf --from HF_MODEL_FOLDER --run-dir DIR   (a Hugging Face checkpoint as a run)
-    genai-jax export-hf --run DIR --out FOLDER                  (a run's policy for transformers)
+    genai-jax export-hf --run DIR --out FOLDER [--adapter-only] (a run's policy for transformers; PEFT adapters)
 
 The preset supplies the defaults and tyro maps the remaining flags onto the frozen config
 dataclasses. This module is the only place that wires stages together.
@@ -163,6 +163,9 @@ class ExportHFArgs:
     """Run directory to export."""
     out: str
     """The folder to write (must be new or empty)."""
+    adapter_only: bool = False
+    """A LoRA run: write only its adapters, as a PEFT adapter folder (adapter_config.json,
+    adapter_model.safetensors), instead of the merged model."""
 
 
 @dataclass(frozen=True)
@@ -354,7 +357,7 @@ def cmd_export_hf(argv: list[str]) -> None:
     from genai_jax import hf
 
     args = tyro.cli(ExportHFArgs, args=argv, prog="genai-jax export-hf")
-    hf.export_hf(args.run, args.out)
+    hf.export_hf(args.run, args.out, adapter_only=args.adapter_only)
 
 
 def cmd_sweep(argv: list[str]) -> None:

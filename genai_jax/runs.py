@@ -115,6 +115,15 @@ def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
 def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
     """(config, tokenizer, params) of a run's latest checkpoint, on the default device: ordinary
     params (a LoRA run's adapters merged into its base; an RLHF run's policy)."""
+    cfg, tokenizer, params = load_saved(run_dir)
+    if cfg.ppo.policy:
+        return cfg, tokenizer, lora.merge_part(params, "policy", cfg.lora)
+    return cfg, tokenizer, lora.merge(params, cfg.lora)
+
+
+def load_saved(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config, tokenizer, params) of a run's latest checkpoint as the train state holds them (a
+    LoRA tree, an RLHF run's {"policy", "value"}), on the default device."""
     run_dir = epath.Path(run_dir)
     cfg = rundir.read_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
@@ -125,6 +134,4 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict
     init_fn = make_ppo_init_fn(cfg) if cfg.ppo.policy else make_stage_init_fn(cfg)
     state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
     checkpointer.close()
-    if cfg.ppo.policy:
-        return cfg, tokenizer, lora.merge_part(state.params, "policy", cfg.lora)
-    return cfg, tokenizer, lora.merge(state.params, cfg.lora)
+    return cfg, tokenizer, state.params

@@ -16,6 +16,7 @@ import torch
 import transformers
 from conftest import assert_one_error, cli_flags, init, random_tokens, run_cli, snapshot, tiny_model, tiny_run
 from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import load_file
 
 from genai_jax import cli, config, hf, lora, rlhf, rundir, runs, stages
 from genai_jax.checkpoint import Checkpointer
@@ -262,6 +263,61 @@ def test_export_hf_writes_the_merged_model(tmp_path, sft_run):
     np.testing.assert_allclose(np.asarray(GPT(cfg.model).apply(params, tokens)), theirs, atol=1e-4)
 
 
+def test_peft_adapter_tensors_of_fused_and_untied_kernels():
+    """Llama's q|k|v and gate|up fuse into one kernel here: each Hugging Face module gets the
+    kernel's A and its columns of B, and PEFT's delta scale * B @ A of every module is the
+    merged export's tensor minus the base export's (lm_head too, untied)."""
+    cfg = tiny_model(positions="rope", norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, tie_embeddings=False)
+    targets = LoRAConfig(rank=3, alpha=6.0, targets="kernel")
+    tree = randomized(lora.wrap(init(cfg), targets, jax.random.PRNGKey(0)))
+    tensors = hf.adapter_tensors("llama", cfg, tree["lora"]["params"], "model.")
+
+    def exported(params):
+        flat = flatten_dict(params["params"])
+        return {name: np.asarray(x, np.float64) for link in hf.links("llama", cfg, "model.")
+                for name, x in zip(link.names, link.split(flat[link.path]))}
+
+    base, merged = exported(tree["base"]), exported(lora.merge(tree, targets))
+    modules = {name.removesuffix(".weight") for name in base if not np.array_equal(base[name], merged[name])}
+    assert len(modules) == 2 * (3 + 1 + 2 + 1) + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert {name.removeprefix(hf.PEFT_PREFIX).rsplit(".lora_", 1)[0] for name in tensors} == modules
+    for module in modules:
+        a = tensors[f"{hf.PEFT_PREFIX}{module}.lora_A.weight"].astype(np.float64)
+        b = tensors[f"{hf.PEFT_PREFIX}{module}.lora_B.weight"].astype(np.float64)
+        assert a.shape[0] == b.shape[1] == 3
+        np.testing.assert_allclose(base[module + ".weight"] + 2.0 * b @ a, merged[module + ".weight"],
+                                   rtol=1e-5, atol=1e-6, err_msg=module)
+
+
+def test_export_hf_adapter_only_is_peft_s_adapter(tmp_path, capsys, sft_run, base_run):
+    """GPT-2's Conv1D weights are [in, out] (PEFT's fan_in_fan_out): the base run's export plus
+    scale * (B @ A).T of each adapter is the LoRA run's merged export."""
+    code, _, err = run_cli(capsys, "export-hf", "--run", sft_run, "--out", tmp_path / "adapter", "--adapter-only")
+    assert code == 0, err
+    adapter_config = json.loads((tmp_path / "adapter" / hf.ADAPTER_CONFIG).read_text())
+    modules = [f"transformer.h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                         "mlp.c_proj")]
+    assert adapter_config | {"target_modules": sorted(adapter_config["target_modules"])} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": 8.0, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": True, "inference_mode": True, "target_modules": sorted(modules),
+        "base_model_name_or_path": str(base_run)}
+    adapters = load_file(tmp_path / "adapter" / hf.ADAPTER_FILE)
+    assert set(adapters) == {f"base_model.model.{m}.lora_{x}.weight" for m in modules for x in "AB"}
+    hf.export_hf(base_run, tmp_path / "base")
+    hf.export_hf(sft_run, tmp_path / "merged")
+    base, merged = (load_file(tmp_path / name / hf.SAFETENSORS_FILE) for name in ("base", "merged"))
+    for module in modules:
+        a, b = (adapters[f"base_model.model.{module}.lora_{x}.weight"].astype(np.float64) for x in "AB")
+        assert a.shape == (RANK, base[module + ".weight"].shape[0]) and b.shape == (base[module + ".weight"].shape[1], RANK)
+        np.testing.assert_allclose(base[module + ".weight"] + SCALE * (b @ a).T, merged[module + ".weight"],
+                                   rtol=1e-5, atol=1e-6, err_msg=module)
+    untouched = [name for name in base if not any(name.startswith(m + ".weight") for m in modules)]
+    assert untouched and all(np.array_equal(base[name], merged[name]) for name in untouched)
+    code, _, err = run_cli(capsys, "export-hf", "--run", base_run, "--out", tmp_path / "none", "--adapter-only")
+    assert_one_error(code, err, "--adapter-only", "not a LoRA run")
+    assert not (tmp_path / "none").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # RL: the frozen models are the adapters' base
 
@@ -347,6 +403,23 @@ def test_lora_reward_model_trains_adapters_and_its_new_head(reward_run, sft_run)
     cfg, _, params = runs.load_trained(reward_run)
     assert_flat_close(params, numpy_merge(state.params, SCALE))
     assert (reward_run / "reward_normalization.json").exists()
+
+
+@pytest.mark.slow
+def test_lora_dpo_starts_at_its_reference(tmp_path, sft_run):
+    """DPO's reference is the init run, which is the adapters' base: at step 0 the policy is the
+    reference exactly, so the held-out sigmoid loss is log 2."""
+    cfg = config.replace(config.preset("tiny", "dpo"), model=SMALL, optim=dict(warmup_steps=2),
+                         data=dict(world_pairs=64), dpo=dict(gold_prompts=8),
+                         train=dict(batch_size=8, max_steps=2, log_every=1, eval_every=2, eval_batches=1,
+                                    ckpt_every=2, progress=False, init_from=str(sft_run)),
+                         lora=dict(rank=RANK, alpha=8.0))
+    stages.dpo(cfg, tmp_path / "dpo")
+    first_eval = next(r for r in rundir.read_metrics(tmp_path / "dpo") if "val_loss" in r)
+    assert first_eval["step"] == 0 and first_eval["val_loss"] == pytest.approx(np.log(2.0), rel=1e-6)
+    state = saved_state(tmp_path / "dpo")
+    assert_bit_equal(state.params["base"], runs.load_trained(sft_run)[2])
+    assert_flat_close(runs.load_trained(tmp_path / "dpo")[2], numpy_merge(state.params, SCALE))
 
 
 PPO_CHANGES = dict(data=dict(world_chats=64), ppo=dict(epochs=2, minibatches=1, gold_prompts=8, max_new_tokens=8),
