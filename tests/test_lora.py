@@ -5,7 +5,6 @@ the commands and later stages take the run, export-hf writes the merged model); 
 read their frozen reference (and PPO its reward model) from the adapters' base."""
 
 import json
-import re
 import shutil
 
 import jax
@@ -143,7 +142,6 @@ def test_bad_settings_are_refused(settings, needles):
 # ---------------------------------------------------------------------------------------------
 # A LoRA SFT run, and the commands and stages that take it
 
-BASE_RUN = tiny_run(model=dict(context_len=64), data=dict(world_docs=200), train=dict(sample_tokens=0))
 SFT_STEPS = 4
 SMALL = dict(n_layer=2, n_head=2, d_model=32, context_len=64)
 
@@ -155,13 +153,6 @@ def sft_config(**sections) -> config.RunConfig:
                    progress=False),
         lora=dict(rank=RANK, alpha=8.0))
     return config.replace(cfg, **sections)
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    stages.pretrain(BASE_RUN, run_dir)
-    return run_dir
 
 
 @pytest.fixture(scope="module")
