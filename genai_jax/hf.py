@@ -493,7 +493,9 @@ def _export_adapter(run_dir: epath.Path, out: epath.Path, family: str) -> dict:
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     save_file(tensors, os.fspath(out / ADAPTER_FILE), metadata={"format": "pt"})
     source = config["base_model_name_or_path"]
-    note = " (a run directory: export it with genai-jax export-hf to load the adapters onto it)" if source == base else ""
+    note = ""
+    if source == base:
+        note = " (a run directory: export it with genai-jax export-hf to load the adapters onto it)"
     say(f"exported {run_dir}'s adapters ({family}, r={cfg.lora.rank}) into {out}; their base model is {source}{note}")
     return {"family": family, "out": os.fspath(out), "files": [ADAPTER_CONFIG, ADAPTER_FILE]}
 

@@ -410,8 +410,9 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
     start = time.perf_counter()
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
     response = jax.block_until_ready(generate(
-        lora.merge_part(params, "policy", cfg.lora), prompt, prompt_mask, key, cfg=cfg.model, max_new_tokens=cfg.ppo.max_new_tokens,
-        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p, stop_id=end_id))
+        lora.merge_part(params, "policy", cfg.lora), prompt, prompt_mask, key, cfg=cfg.model,
+        max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k,
+        top_p=cfg.ppo.top_p, stop_id=end_id))
     generate_s = time.perf_counter() - start
     host_response = np.asarray(host_copy(response))
     scores = None if score_responses is None else placement.rows(score_responses(rows, host_response))
@@ -596,6 +597,8 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     state = strategy.place_state(state)
     placement = _Placement(strategy)
     frozen = frozen_models(cfg, placement, sft_params, reward_params, normalization)
+    # The loaded models live on only where the state or `frozen` holds them (with LoRA, nowhere else).
+    del init_fn, sft_params, value_params, reward_params
     objective = rl_objective(cfg)
     end_id = tokenizer.special_id(END)
     train_batch, rollout_memory = compile_rollout(
@@ -624,7 +627,8 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     writer = rundir.MetricsWriter(run_dir, iteration)
     base_rng = to_host(strategy.state_to_host(state).rng)
     if iteration == 0:
-        writer.write({"step": 0, "n_params": count_params(abstract_state.params),
+        models = jax.eval_shape(partial(lora.merge, cfg=cfg.lora), abstract_state.params)
+        writer.write({"step": 0, "n_params": count_params(models),
                       "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora)),
                       "prompts": len(prompts.tokens),
                       "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,

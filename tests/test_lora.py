@@ -432,6 +432,7 @@ def test_lora_ppo_holds_no_second_copy_and_trains_only_adapters(tmp_path, sft_ru
     records = rundir.read_metrics(tmp_path / "ppo")
     assert [r["step"] for r in records if "kl" in r] == [1, 2]
     assert records[0]["n_trainable_params"] == 2 * adapter_count(rundir.read_config(sft_run).model) + head
+    assert records[0]["n_params"] == sum(x.size for x in jax.tree.leaves(state.params["base"]))  # the two models
     _, _, policy = runs.load_trained(tmp_path / "ppo")
     assert_flat_close(policy, {path[1:]: value for path, value in numpy_merge(state.params, SCALE).items()
                                if path[0] == "policy"})
