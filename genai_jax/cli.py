@@ -12,7 +12,7 @@
     genai-jax generate --run DIR --prompt TEXT | --prompts FILE.jsonl [--out OUT.jsonl]
     genai-jax chat --run DIR
     genai-jax import-hf --from HF_MODEL_FOLDER --run-dir DIR   (a Hugging Face checkpoint as a run)
-    genai-jax export-hf --run DIR --out FOLDER                  (a run's policy for transformers)
+    genai-jax export-hf --run DIR --out FOLDER [--adapter-only] (a run's policy for transformers; PEFT adapters)
 
 The preset supplies the defaults and tyro maps the remaining flags onto the frozen config
 dataclasses. This module is the only place that wires stages together.
@@ -37,8 +37,8 @@ import tyro
 from etils import epath
 
 from genai_jax import distributed, overrides, rundir
-from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, ModelConfig, ObjectiveConfig, OptimConfig, PPOConfig,
-                              RunConfig, TrainConfig, UserError, preset)
+from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, LoRAConfig, ModelConfig, ObjectiveConfig, OptimConfig,
+                              PPOConfig, RunConfig, TrainConfig, UserError, preset)
 from genai_jax.distributed import say
 
 FINE_TUNING_STAGES = ("sft", "reward", "dpo")
@@ -66,12 +66,13 @@ class StageArgs:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def run_config(self) -> RunConfig:
         train = dataclasses.replace(self.train, init_from=self.init_from) if self.init_from else self.train
         runs = {name: value for name, value in (("policy", self.policy), ("reward", self.reward)) if value}
         return RunConfig(model=self.model, optim=self.optim, data=self.data, train=train, objective=self.objective,
-                         ppo=dataclasses.replace(self.ppo, **runs), dpo=self.dpo)
+                         ppo=dataclasses.replace(self.ppo, **runs), dpo=self.dpo, lora=self.lora)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,9 @@ class ExportHFArgs:
     """Run directory to export."""
     out: str
     """The folder to write (must be new or empty)."""
+    adapter_only: bool = False
+    """A LoRA run: write only its adapters, as a PEFT adapter folder (adapter_config.json,
+    adapter_model.safetensors), instead of the merged model."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,7 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     if init_run:
         base = dataclasses.replace(base, model=_init_run_model(base.model, init_run))
     defaults = StageArgs(preset=name, model=base.model, optim=base.optim, data=base.data, train=base.train,
-                         objective=base.objective, ppo=base.ppo, dpo=base.dpo)
+                         objective=base.objective, ppo=base.ppo, dpo=base.dpo, lora=base.lora)
     args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")
     if args.preset != name:
         raise UserError("--preset was given twice with different values")
@@ -373,7 +377,7 @@ def cmd_export_hf(argv: list[str]) -> None:
     from genai_jax import hf
 
     args = tyro.cli(ExportHFArgs, args=argv, prog="genai-jax export-hf")
-    hf.export_hf(args.run, args.out)
+    hf.export_hf(args.run, args.out, adapter_only=args.adapter_only)
 
 
 def cmd_sweep(argv: list[str]) -> None:

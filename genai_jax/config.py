@@ -241,6 +241,29 @@ class PPOConfig:
         return self.algorithm == "ppo"
 
 
+LORA_TARGETS = r"h_\d+/(attn/(qkv|proj)|mlp/(fc|proj))/kernel"
+"""Every attention and MLP kernel of every block (the parameter paths of `model.GPT`)."""
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, LoRA) for a fine-tuning stage: each targeted kernel W
+    [in, out] is trained as W + (alpha / rank) * a @ b with W frozen (see `genai_jax/lora.py`)."""
+
+    rank: int = 0
+    """The adapters' rank r; 0 trains every parameter (no LoRA)."""
+    alpha: float = 16.0
+    """The adapters' scale is alpha / rank."""
+    targets: str = LORA_TARGETS
+    """A regular expression searched in each parameter's '/'-joined path (e.g.
+    params/h_0/attn/qkv/kernel; ppo: policy/params/..., value/params/...): the 2-D kernels it
+    matches get adapters."""
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 12
@@ -273,6 +296,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 def replace(cfg, **sections):
@@ -293,7 +317,8 @@ def from_dict(data: dict, where: str = "config") -> RunConfig:
     sections = {}
     for section in dataclasses.fields(RunConfig):
         cls = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-               "objective": ObjectiveConfig, "ppo": PPOConfig, "dpo": DPOConfig}[section.name]
+               "objective": ObjectiveConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+               "lora": LoRAConfig}[section.name]
         values = data.get(section.name, {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

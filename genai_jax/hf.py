@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -36,11 +37,15 @@ from genai_jax.distributed import say
 from genai_jax.model import grow_vocab, init_params, mlp_hidden
 from genai_jax.parallel import host_peak_mib
 from genai_jax.reward import NORMALIZATION_FILE, load_normalization
-from genai_jax.runs import load_trained, with_vocab
+from genai_jax.runs import load_saved, load_trained, with_vocab
 from genai_jax.tokenizer import HFTokenizer
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+"""What PEFT's tensor names start with: the wrapped model's module path follows."""
 FAMILIES = ("gpt2", "llama", "qwen2")
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +452,62 @@ def _tokenizer_files(tokenizer) -> dict[str, str]:
     return {"tokenizer.json": tokenizer.tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
+def _export_cfg(family: str, cfg: ModelConfig) -> ModelConfig:
+    """The model as `family` writes it: GPT-2 always has biases (zeros where this model has none)."""
+    return dataclasses.replace(cfg, bias=True) if family == "gpt2" else cfg
+
+
+def adapter_tensors(family: str, cfg: ModelConfig, adapters: dict, prefix: str) -> dict[str, np.ndarray]:
+    """PEFT's tensors of one model's LoRA adapters (a LoRA tree's "lora" part, `genai_jax.lora`):
+    for each Hugging Face module a targeted kernel is made of, `lora_A.weight` [r, in] and
+    `lora_B.weight` [out, r], so that the module's weight moves by scale * B @ A (transposed for
+    GPT-2's Conv1D, stored [in, out]: PEFT's fan_in_fan_out). A fused kernel's modules (q|k|v,
+    gate|up) share its A and split its B by output columns, which `Link.split` does."""
+    flat = flatten_dict(adapters)
+    tensors = {}
+    for link in links(family, _export_cfg(family, cfg), prefix):
+        if link.path + ("a",) not in flat:
+            continue
+        a, b = flat[link.path + ("a",)], flat[link.path + ("b",)]
+        for name, part in zip(link.names, link.split(b)):
+            module = PEFT_PREFIX + name.removesuffix(".weight")
+            tensors[f"{module}.lora_A.weight"] = np.asarray(a.T, np.float32)
+            tensors[f"{module}.lora_B.weight"] = np.asarray(part.T if family == "gpt2" else part, np.float32)
+    return tensors
+
+
+def _hf_source(run: str) -> str:
+    """The Hugging Face folder a run was imported from (`import_hf`'s record), else the run."""
+    records = rundir.read_metrics(epath.Path(run))
+    return next((record["imported_from"] for record in records if "imported_from" in record), run)
+
+
+def _export_adapter(run_dir: epath.Path, out: epath.Path, family: str) -> dict:
+    """`export_hf(..., adapter_only=True)`: a PEFT LoRA adapter folder of a LoRA run's policy."""
+    cfg, _, tree = load_saved(run_dir)
+    if not cfg.lora.rank:
+        raise UserError(f"--adapter-only: {run_dir} is not a LoRA run (lora.rank=0); export it without the flag")
+    adapters = tree["lora"].get("policy", {}) if cfg.ppo.policy else tree["lora"]
+    prefix = "transformer." if family == "gpt2" else "model."
+    tensors = adapter_tensors(family, cfg.model, adapters.get("params", {}), prefix)
+    if not tensors:
+        raise UserError(f"--adapter-only: {run_dir}'s lora.targets={cfg.lora.targets!r} put no adapter on the policy")
+    base = cfg.ppo.policy or cfg.train.init_from
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": family == "gpt2", "inference_mode": True,
+              "target_modules": sorted({name.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for name in tensors}),
+              "base_model_name_or_path": _hf_source(base)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(tensors, os.fspath(out / ADAPTER_FILE), metadata={"format": "pt"})
+    source = config["base_model_name_or_path"]
+    note = ""
+    if source == base:
+        note = " (a run directory: export it with genai-jax export-hf to load the adapters onto it)"
+    say(f"exported {run_dir}'s adapters ({family}, r={cfg.lora.rank}) into {out}; their base model is {source}{note}")
+    return {"family": family, "out": os.fspath(out), "files": [ADAPTER_CONFIG, ADAPTER_FILE]}
+
+
 _CLASSIFIER = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
                "qwen2": "Qwen2ForSequenceClassification"}
 
@@ -464,11 +525,13 @@ def _reward_config(family: str, config: dict, head_bias: float, normalization: d
                      "genai_jax_reward": {"head_bias": head_bias, "normalization": normalization}}
 
 
-def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
+def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only: bool = False) -> dict:
     """Write a run's latest model into the folder `out` as a Hugging Face model: a policy (an RLHF
-    run's too) as a causal LM, a reward model (model.head=scalar) as a one-label sequence
-    classifier (`_reward_config`); config.json, model.safetensors (float32) and, for a run with an
-    hf tokenizer, its tokenizer.json and tokenizer_config.json. Returns {"family", "out", "files"}."""
+    run's too; a LoRA run's adapters merged) as a causal LM, a reward model (model.head=scalar) as
+    a one-label sequence classifier (`_reward_config`); config.json, model.safetensors (float32)
+    and, for a run with an hf tokenizer, its tokenizer.json and tokenizer_config.json. With
+    `adapter_only`, a LoRA run's adapters alone as a PEFT adapter folder (adapter_config.json,
+    adapter_model.safetensors). Returns {"family", "out", "files"}."""
     run_dir, out = epath.Path(run_dir), epath.Path(out)
     cfg = rundir.read_config(run_dir)
     if cfg.model.head not in ("lm", "scalar") and not cfg.ppo.policy:
@@ -476,8 +539,10 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
     reward_model = cfg.model.head == "scalar" and not cfg.ppo.policy
     family = export_family(cfg.model, str(run_dir))
     _check_empty(out, "--out")
+    if adapter_only:
+        return _export_adapter(run_dir, out, family)
     cfg, tokenizer, params = load_trained(run_dir)
-    export_cfg = dataclasses.replace(cfg.model, bias=True) if family == "gpt2" else cfg.model
+    export_cfg = _export_cfg(family, cfg.model)
     trunk_cfg = dataclasses.replace(export_cfg, tie_embeddings=True) if reward_model else export_cfg  # no lm_head
     params = _zero_filled(params["params"], trunk_cfg)
     prefix = "transformer." if family == "gpt2" else "model."

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import optax
 
+from genai_jax import lora
 from genai_jax.config import OptimConfig, RunConfig
 
 _EMBEDDING_NAMES = frozenset({"wte", "wpe"})
@@ -53,6 +54,27 @@ def make_optimizer(cfg: OptimConfig, max_steps: int) -> optax.GradientTransforma
     return adamw
 
 
+def freeze_base(transforms: dict[str, optax.GradientTransformation], trained) -> optax.GradientTransformation:
+    """`transforms` (by label) for a LoRA tree's adapters and fully trained leaves, labelled by
+    `trained(subtree)`; the base gets `set_to_zero`: no update, and no state to hold."""
+    return optax.multi_transform(transforms | {lora.FROZEN: optax.set_to_zero()},
+                                 lambda tree: lora.labels(tree, trained))
+
+
+def make_stage_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    """`make_optimizer` for a pretrain, SFT, reward or DPO run's params: all of them, or with
+    lora.rank > 0 only the LoRA tree's trained leaves."""
+    optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
+    if not cfg.lora.rank:
+        return optimizer
+    return freeze_base({"train": optimizer}, lambda tree: jax.tree.map(lambda _: "train", tree))
+
+
+def _by_model(params: dict) -> dict:
+    """Each leaf of {"policy", "value"} labelled by its model's name."""
+    return {name: jax.tree.map(lambda _: name, tree) for name, tree in params.items()}
+
+
 def updates_per_iteration(cfg: RunConfig) -> int:
     return cfg.ppo.epochs * cfg.ppo.minibatches
 
@@ -60,7 +82,8 @@ def updates_per_iteration(cfg: RunConfig) -> int:
 def make_ppo_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     """AdamW for the policy at optim.lr and, if the algorithm has one, for the value model at
     ppo.value_lr (each clipped on its own), with schedules over all the run's updates; the value model's decays by the same
-    factor as the policy's (not at all when optim.lr is 0: a frozen policy)."""
+    factor as the policy's (not at all when optim.lr is 0: a frozen policy). With lora.rank > 0
+    they update the adapters and fully trained leaves of a LoRA tree of {"policy", "value"}."""
     total_updates = cfg.train.max_steps * updates_per_iteration(cfg)
     value_lr = cfg.ppo.value_lr or cfg.optim.lr
     decay = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr else 1.0
@@ -68,5 +91,6 @@ def make_ppo_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     transforms = {"policy": make_optimizer(cfg.optim, total_updates)}
     if cfg.ppo.has_value_model:
         transforms["value"] = make_optimizer(value_optim, total_updates)
-    return optax.multi_transform(
-        transforms, lambda params: {name: jax.tree.map(lambda _: name, tree) for name, tree in params.items()})
+    if cfg.lora.rank:
+        return freeze_base(transforms, _by_model)
+    return optax.multi_transform(transforms, _by_model)

@@ -36,6 +36,7 @@ from etils import epath
 from tqdm import tqdm
 
 from genai_jax import config as config_lib
+from genai_jax import lora
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
@@ -79,10 +80,15 @@ def experience(params, ref_params, reward_params, normalization, prompt, prompt_
     The response ends at its first end-of-turn (later tokens become padding). Per-token reward is
     -beta * KL estimate, plus the sequence's score at its last token: the reward model's normalised
     score (or the given `scores` [B], e.g. the gold checker's), clipped, minus `no_end_penalty` if
-    the turn never ended.
+    the turn never ended. With lora.rank > 0, `params` is a LoRA tree of {"policy", "value"}:
+    a None `ref_params` is the policy's base, a None `reward_params` the value model's base.
     """
     ppo = cfg.ppo
     apply_fn = GPT(cfg.model).apply
+    if cfg.lora.rank:
+        ref_params = params["base"]["policy"] if ref_params is None else ref_params
+        reward_params = params["base"].get("value") if reward_params is None else reward_params
+        params = lora.merge(params, cfg.lora)
     in_response = response_mask(response, end_ids)
     ended = jnp.any(is_stop(response, end_ids), axis=1)
     response = jnp.where(in_response, response, pad_id)
@@ -414,8 +420,9 @@ def rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, rows: np.nda
     start = time.perf_counter()
     prompt, prompt_mask = placement.rows((prompts.tokens[rows], prompts.mask[rows]))
     response = jax.block_until_ready(generate(
-        params["policy"], prompt, prompt_mask, key, cfg=cfg.model, max_new_tokens=cfg.ppo.max_new_tokens,
-        temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p, stop_ids=end_ids))
+        lora.merge_part(params, "policy", cfg.lora), prompt, prompt_mask, key, cfg=cfg.model,
+        max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k,
+        top_p=cfg.ppo.top_p, stop_ids=end_ids))
     generate_s = time.perf_counter() - start
     host_response = np.asarray(host_copy(response))
     scores = None if score_responses is None else placement.rows(score_responses(rows, host_response))
@@ -444,7 +451,7 @@ def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, plac
     advice = "lower train.batch_size or ppo.max_new_tokens"
     with placement.context():
         generation = generate.lower(
-            params["policy"], prompt, prompt_mask, key, cfg=cfg.model,
+            lora.merge_part(params, "policy", cfg.lora), prompt, prompt_mask, key, cfg=cfg.model,
             max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k,
             top_p=cfg.ppo.top_p, stop_ids=end_ids).compile()
         response = jax.ShapeDtypeStruct(generation.out_info.shape, generation.out_info.dtype,
@@ -547,7 +554,7 @@ def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig
 def rl_objective(cfg: RunConfig):
     """The objective of `ppo.algorithm`: PPO's (policy and value), or the critic-free one (GRPO
     with its KL term in the loss; RLOO, whose KL is in the reward); with the pretraining LM term
-    of PPO-ptx when ppo.ptx_coef > 0."""
+    of PPO-ptx when ppo.ptx_coef > 0; on a LoRA tree's adapters with lora.rank > 0."""
     ppo = cfg.ppo
     apply_fn = GPT(cfg.model).apply
     if ppo.has_value_model:
@@ -558,7 +565,21 @@ def rl_objective(cfg: RunConfig):
         objective = make_critic_free_objective(apply_fn, clip_ratio=ppo.clip_ratio,
                                                kl_coef=ppo.kl_coef if ppo.algorithm == "grpo" else 0.0,
                                                entropy_coef=ppo.entropy_coef, temperature=ppo.temperature)
-    return make_ptx_objective(objective, apply_fn, ppo.ptx_coef) if ppo.ptx_coef > 0 else objective
+    objective = make_ptx_objective(objective, apply_fn, ppo.ptx_coef) if ppo.ptx_coef > 0 else objective
+    return lora.objective(objective, cfg.lora)
+
+
+def frozen_models(cfg: RunConfig, placement: "_Placement", sft_params, reward_params, normalization) -> dict:
+    """The rollout's frozen models: the reference (the SFT policy) and the reward model with its
+    normalisation (None for host scores). With lora.rank > 0 the reference is the policy's base in
+    the train state, and so is the reward model where it is the value model's base (None here:
+    `experience` reads them there), so neither is held twice."""
+    shared = cfg.lora.rank > 0
+    frozen = {"reference": None if shared else placement.params(sft_params), "reward": None, "normalization": None}
+    if reward_params is not None:
+        frozen |= {"reward": None if shared and cfg.ppo.has_value_model else placement.params(reward_params),
+                   "normalization": {name: jnp.float32(value) for name, value in normalization.items()}}
+    return frozen
 
 
 def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
@@ -572,11 +593,11 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     strategy = make_strategy(cfg.train)
     minibatch_rows = check_batches(cfg, strategy.batch_divisor * jax.process_count())
     text = load_pretraining_text(cfg, tokenizer)
-    cfg, _ = open_run(cfg, run_dir, tokenizer.save)
-
     init_fn = make_ppo_init_fn(cfg, *(None if p is None else jax.tree.map(jnp.array, p)
                                       for p in (sft_params, value_params)))
-    abstract_state = jax.eval_shape(init_fn)
+    abstract_state = jax.eval_shape(init_fn)  # before anything is written: it checks the lora.* settings
+    cfg, _ = open_run(cfg, run_dir, tokenizer.save)
+
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
         state, progress = checkpointer.restore(restore_target(abstract_state, strategy))
@@ -585,10 +606,9 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         state, iteration, beta = init_fn(), 0, cfg.ppo.kl_coef
     state = strategy.place_state(state)
     placement = _Placement(strategy)
-    frozen = {"reference": placement.params(sft_params), "reward": None, "normalization": None}
-    if score_responses is None:
-        frozen |= {"reward": placement.params(reward_params),
-                   "normalization": {name: jnp.float32(value) for name, value in normalization.items()}}
+    frozen = frozen_models(cfg, placement, sft_params, reward_params, normalization)
+    # The loaded models live on only where the state or `frozen` holds them (with LoRA, nowhere else).
+    del init_fn, sft_params, value_params, reward_params
     objective = rl_objective(cfg)
     end_ids = stop_ids(tokenizer)
     train_batch, rollout_memory = compile_rollout(
@@ -612,12 +632,15 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
     def host_policy():
         """The policy's parameters, whole on every process (a collective: all processes evaluate)."""
-        return host_copy(strategy.state_to_host(state).params["policy"])
+        return host_copy(lora.merge_part(strategy.state_to_host(state).params, "policy", cfg.lora))
 
     writer = rundir.MetricsWriter(run_dir, iteration)
     base_rng = to_host(strategy.state_to_host(state).rng)
     if iteration == 0:
-        writer.write({"step": 0, "n_params": count_params(abstract_state.params), "prompts": len(prompts.tokens),
+        models = jax.eval_shape(partial(lora.merge, cfg=cfg.lora), abstract_state.params)
+        writer.write({"step": 0, "n_params": count_params(models),
+                      "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora)),
+                      "prompts": len(prompts.tokens),
                       "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,
                       **peak_record("step_memory_mib", memory), **rollout_memory})
         writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer, text)})

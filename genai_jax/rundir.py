@@ -37,11 +37,12 @@ def read_config(run_dir: epath.Path) -> RunConfig:
 
 
 def check_resumable(run_dir: epath.Path, cfg: RunConfig) -> RunConfig:
-    """The saved config of an existing run, refusing model or data changes (they would not load).
+    """The saved config of an existing run, refusing model, data or lora changes (they would not
+    load: lora.* shapes the parameter tree).
 
     Training and optimizer settings may change between launches (e.g. more steps)."""
     saved = read_config(run_dir)
-    changed = [name for name in config_lib.diff(saved, cfg) if name.split(".")[0] in ("model", "data")]
+    changed = [name for name in config_lib.diff(saved, cfg) if name.split(".")[0] in ("model", "data", "lora")]
     if changed:
         raise UserError(
             f"{run_dir} holds a run with a different config ({', '.join(changed)}); "

@@ -3,24 +3,24 @@
 Below every stage module (stages, rlhf, pipeline, the CLI), so each of them opens a run and
 loads an earlier one the same way without importing another stage: `open_run` starts or checks
 a run directory, `restore_target` says what a checkpoint restores into, `load_trained` reads a
-run's latest parameters (of any stage, an RLHF run's policy included), `final_record` its last
-metrics.
+run's latest parameters (of any stage, an RLHF run's policy included, a LoRA run's merged),
+`final_record` its last metrics; `make_stage_init_fn` and `make_ppo_init_fn` build the states
+they restore into.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from functools import partial
 
 import jax
 from etils import epath
 
-from genai_jax import rundir
+from genai_jax import lora, rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.model import init_params
-from genai_jax.optim import make_ppo_optimizer
+from genai_jax.optim import make_ppo_optimizer, make_stage_optimizer
 from genai_jax.parallel import Mesh, Single, sync_processes
 from genai_jax.tokenizer import Tokenizer, load_tokenizer
 from genai_jax.train import make_init_fn
@@ -83,10 +83,27 @@ def final_record(run_dir: epath.Path) -> dict:
     return {name: value for record in records if record["step"] == records[-1]["step"] for name, value in record.items()}
 
 
+def _lora_wrapped(cfg: RunConfig, init):
+    """`init(key)`'s params as a LoRA tree when lora.rank > 0 (adapters from a key of their own)."""
+    if not cfg.lora.rank:
+        return init
+    return lambda key: lora.wrap(init(key), cfg.lora, jax.random.fold_in(key, 1))
+
+
+def make_stage_init_fn(cfg: RunConfig, params=None):
+    """TrainState init for a pretrain, SFT, reward or DPO run: `params`, or random ones of the
+    right shape (enough for `jax.eval_shape`, to restore checkpoints into); a LoRA tree of them
+    with lora.rank > 0."""
+    def init(key):
+        return init_params(cfg.model, key) if params is None else params
+
+    return make_init_fn(_lora_wrapped(cfg, init), make_stage_optimizer(cfg), cfg.train.seed)
+
+
 def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
     """TrainState init for an RLHF run's {"policy", "value"} ({"policy"} for an algorithm without
     a value model); with no params given, random ones of the right shape (enough for
-    `jax.eval_shape`, to restore checkpoints into)."""
+    `jax.eval_shape`, to restore checkpoints into); one LoRA tree of both with lora.rank > 0."""
 
     def init(key):
         policy_key, value_key = jax.random.split(key)
@@ -95,22 +112,30 @@ def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
             params["value"] = init_params(cfg.model, value_key, "scalar") if value_params is None else value_params
         return params
 
-    return make_init_fn(init, make_ppo_optimizer(cfg), cfg.train.seed)
+    return make_init_fn(_lora_wrapped(cfg, init), make_ppo_optimizer(cfg), cfg.train.seed)
 
 
 def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
-    """(config, tokenizer, params) of a run's latest checkpoint, on the default device: of an
-    RLHF run its policy. Only the params are read, not the optimizer state."""
+    """(config, tokenizer, params) of a run's latest checkpoint, on the default device: ordinary
+    params (a LoRA run's adapters merged into its base; an RLHF run's policy)."""
+    cfg, tokenizer, params = load_saved(run_dir)
+    if cfg.ppo.policy:
+        return cfg, tokenizer, lora.merge_part(params, "policy", cfg.lora)
+    return cfg, tokenizer, lora.merge(params, cfg.lora)
+
+
+def load_saved(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config, tokenizer, params) of a run's latest checkpoint as the train state holds them (a
+    LoRA tree, an RLHF run's {"policy", "value"}), on the default device. Only the params are
+    read (`Checkpointer.restore_params`), not the optimizer state."""
     run_dir = epath.Path(run_dir)
     cfg = rundir.read_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints")
     if checkpointer.latest_step() is None:
         raise UserError(f"{run_dir}: no checkpoint yet")
-    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} (or {"policy"}); the policy alone is read
-        abstract = {"policy": jax.eval_shape(make_ppo_init_fn(cfg)).params["policy"]}
-    else:
-        abstract = jax.eval_shape(partial(init_params, cfg.model), jax.random.PRNGKey(0))
-    params = checkpointer.restore_params(restore_target(abstract, Single()))
+    # an RLHF run: {"policy", "value"} (or {"policy"}) under the PPO optimizer
+    init_fn = make_ppo_init_fn(cfg) if cfg.ppo.policy else make_stage_init_fn(cfg)
+    params = checkpointer.restore_params(restore_target(jax.eval_shape(init_fn).params, Single()))
     checkpointer.close()
-    return cfg, tokenizer, params["policy"] if cfg.ppo.policy else params
+    return cfg, tokenizer, params

@@ -17,6 +17,7 @@ from etils import epath
 
 from genai_jax import config as config_lib
 from genai_jax import dpo as dpo_lib
+from genai_jax import lora
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
@@ -27,17 +28,17 @@ from genai_jax.data.chat import build_preference_rows
 from genai_jax.data.preferences import preference_line
 from genai_jax.distributed import say
 from genai_jax.evaluation import policy_gold, respond
-from genai_jax.model import GPT, count_params, init_params, with_scalar_head
+from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
 from genai_jax.objectives.dpo import make_dpo_objective
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
-from genai_jax.optim import make_optimizer, schedule
+from genai_jax.optim import make_stage_optimizer, schedule
 from genai_jax.parallel import compile_step, host_copy, host_peak_mib, make_strategy, peak_record, sync_processes, to_host
-from genai_jax.runs import final_record, load_trained, open_run, restore_target, with_vocab
+from genai_jax.runs import final_record, load_trained, make_stage_init_fn, open_run, restore_target, with_vocab
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer
-from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
+from genai_jax.train import fit, make_eval_step, make_train_step
 
 
 def seq_len(cfg: RunConfig) -> int:
@@ -49,8 +50,11 @@ def seq_len(cfg: RunConfig) -> int:
 
 def check_config(cfg: RunConfig) -> int:
     """The sequence length, once the settings a run directory cannot fix later are checked (so a
-    bad flag fails before anything is written)."""
+    bad flag fails before anything is written), the lora.* settings against the model's params
+    among them."""
     loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
+    if cfg.lora.rank:
+        jax.eval_shape(make_stage_init_fn(cfg))  # raises on bad lora.* settings
     return seq_len(cfg)
 
 
@@ -63,7 +67,9 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     `initial_params` (a fine-tuning stage) or from a fresh init, unless the run directory holds a
     checkpoint, which always wins. The train step is compiled ahead of time, so a step too big for
     the device fails before training; its memory is printed and logged at step 0
-    (`step_memory_mib`, per device). Returns the final state.
+    (`step_memory_mib`, per device). With lora.rank > 0 the state's params are a LoRA tree of
+    the initial params (`genai_jax.lora`) and only its adapters (and a scalar head) train.
+    Returns the final params as the model takes them (a LoRA tree merged).
     """
     strategy = make_strategy(cfg.train)
     batch_size = loader.per_process_batch(cfg.train.batch_size, strategy.batch_divisor * cfg.optim.grad_accum)
@@ -74,8 +80,7 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
                                                 seed=cfg.data.seed + 1)
 
     model = GPT(cfg.model)
-    optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
-    init_fn = make_init_fn(partial(init_params, cfg.model), optimizer, cfg.train.seed)
+    init_fn = make_stage_init_fn(cfg)
     abstract_state = jax.eval_shape(init_fn)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
@@ -85,24 +90,30 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     elif initial_params is not None:
         # A copy: the step donates the state, and the caller may still use its arrays.
         params = jax.tree.map(jnp.array, initial_params)
-        state = strategy.place_state(make_init_fn(lambda _: params, optimizer, cfg.train.seed)())
+        state = strategy.place_state(make_stage_init_fn(cfg, params)())
     else:
         state = strategy.compile_init(init_fn, abstract_state)()
     start_step = int(to_host(strategy.state_to_host(state).step))
 
     example_batch = jax.tree.map(lambda x: np.zeros((batch_size, *np.shape(x)), np.asarray(x).dtype),
                                  train_source[0])
+
+    def objective(deterministic: bool):
+        return lora.objective(make_objective(model.apply, deterministic), cfg.lora)
+
     step_fn, memory = compile_step(
         strategy,
-        make_train_step(make_objective(model.apply, False), optimizer, strategy.reduce, cfg.optim.grad_accum),
+        make_train_step(objective(False), make_stage_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum),
         abstract_state,
         example=(state, strategy.place_batch(example_batch), jax.random.PRNGKey(0)),
     )
-    eval_fn = strategy.compile_eval(make_eval_step(make_objective(model.apply, True), strategy.reduce), abstract_state)
+    eval_fn = strategy.compile_eval(make_eval_step(objective(True), strategy.reduce), abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:
-        writer.write({"step": 0, "n_params": count_params(abstract_state.params),
-                      "n_params_non_embedding": count_params(abstract_state.params, embeddings=False),
+        model_params = jax.eval_shape(partial(lora.merge, cfg=cfg.lora), abstract_state.params)
+        writer.write({"step": 0, "n_params": count_params(model_params),
+                      "n_params_non_embedding": count_params(model_params, embeddings=False),
+                      "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora)),
                       **peak_record("step_memory_mib", memory), **(summary or {})})
     try:  # closed on preemption too, so TensorBoard gets every record
         state = fit(
@@ -121,24 +132,27 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     finally:
         writer.close()
         checkpointer.close()
-    return strategy.state_to_host(state)
+    return lora.merge(strategy.state_to_host(state).params, cfg.lora)
 
 
 def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
     run_dir = epath.Path(run_dir)
+    if cfg.lora.rank:
+        raise UserError(f"lora.rank={cfg.lora.rank}: adapters fine-tune a trained model (sft, reward, dpo, ppo), "
+                        "not a pretraining run")
     length = check_config(cfg)
     text = sources.load_text(cfg.data)
     cfg, tokenizer = open_run(cfg, run_dir, lambda directory: build_tokenizer(cfg.data, text, directory))
 
     train_tokens, val_tokens = loader.split_tokens(tokenizer.encode(text), cfg.data.val_fraction, length)
     val_source = loader.TokenWindows(val_tokens, length) if cfg.data.val_fraction > 0 else None
-    state = train_stage(
+    params = train_stage(
         cfg, run_dir, make_objective=make_lm_objective, train_source=loader.TokenWindows(train_tokens, length),
         val_source=val_source, summary={"train_tokens": len(train_tokens)},
     )
     if cfg.train.sample_tokens:
-        params = host_copy(state.params)  # a collective: every process takes part
+        params = host_copy(params)  # a collective: every process takes part
         if jax.process_index() == 0:
             prompt = val_tokens[:1] if len(val_tokens) else train_tokens[:1]
             new = min(cfg.train.sample_tokens, cfg.model.context_len - 1)
@@ -202,13 +216,13 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                                                                             length)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     say(f"reward data: {stats}")
-    state = train_stage(
+    reward_params = train_stage(
         cfg, run_dir, make_objective=partial(make_bradley_terry_objective, centering=cfg.objective.reward_centering),
         train_source=loader.Rows(train_rows), val_source=None if val_rows is None else loader.Rows(val_rows),
         initial_params=with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(cfg.train.seed + 1)),
         summary=stats,
     )
-    reward_params = host_copy(state.params)  # a collective: every process takes part
+    reward_params = host_copy(reward_params)  # a collective: every process takes part
     record = {}
     if jax.process_index() == 0:  # the others wait at the barrier below
         # Normalise on the policy's samples for training prompts; check on a second, independent draw.
@@ -259,12 +273,12 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     objective = partial(make_dpo_objective, loss=cfg.dpo.loss, beta=cfg.dpo.beta,
                         label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,
                         reference_params=on_the_fly)
-    state = train_stage(
+    params = train_stage(
         cfg, run_dir, make_objective=objective, train_source=loader.Rows(named_rows["train"]),
         val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None, initial_params=sft_params,
         summary=stats,
     )
-    params = host_copy(state.params)  # a collective: every process takes part
+    params = host_copy(params)  # a collective: every process takes part
     record = {}
     if jax.process_index() == 0:  # the others wait at the barrier below
         if val_rows is not None:

@@ -143,6 +143,21 @@ def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+# context_len 64 leaves room to answer the world's longest prompts (29 tokens, bucketed to 32).
+BASE_RUN = tiny_run(model=dict(context_len=64), data=dict(world_docs=200))
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory) -> Path:
+    """A finished tiny pretraining run of BASE_RUN (char tokenizer, world corpus), what
+    fine-tuning tests start from; read-only."""
+    from genai_jax import stages
+
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    stages.pretrain(BASE_RUN, run_dir)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A finished tiny pretraining run (char tokenizer, world corpus). Treat as read-only:

@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import (REPO, assert_one_error, assert_trees_close, cli_flags, run_cli, run_cli_subprocess,
+from conftest import (BASE_RUN, REPO, assert_one_error, assert_trees_close, cli_flags, run_cli, run_cli_subprocess,
                       train_losses)
 from test_pipeline import small_configs
-from test_sft import BASE_RUN, sft_config
+from test_sft import sft_config
 
 from genai_jax import distributed, pipeline, rundir, runs
 from genai_jax.checkpoint import Checkpointer

@@ -23,7 +23,6 @@ from conftest import (
     run_cli,
     snapshot,
     tiny_model,
-    tiny_run,
 )
 
 from genai_jax import cli, config, evaluation, rundir, runs, stages
@@ -365,13 +364,11 @@ def test_held_out_problems_are_in_no_training_chat_nor_the_corpus():
 # ---------------------------------------------------------------------------------------------
 # The sft stage end to end, on a tiny pretraining run
 
-# context_len 64 leaves room to answer the world's longest prompts (29 tokens, bucketed to 32).
-BASE_RUN = tiny_run(model=dict(context_len=64), data=dict(world_docs=200))
 SFT_STEPS = 4
 
 
 def sft_config(**sections) -> config.RunConfig:
-    """The `tiny` sft preset shrunk to seconds, for a model like BASE_RUN's (no init_from)."""
+    """The `tiny` sft preset shrunk to seconds, for a model like conftest.BASE_RUN's (no init_from)."""
     cfg = config.replace(
         config.preset("tiny", "sft"),
         model=dict(n_layer=2, n_head=2, d_model=32, context_len=64),
@@ -385,14 +382,6 @@ def sft_config(**sections) -> config.RunConfig:
 
 def sft_argv(run_dir, *flags, cfg=None) -> list[str]:
     return ["sft", *cli_flags(cfg or sft_config(), stage="sft"), "--run-dir", str(run_dir), *map(str, flags)]
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """A finished tiny pretraining run (char tokenizer, world corpus); read-only."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    stages.pretrain(BASE_RUN, run_dir)
-    return run_dir
 
 
 @pytest.fixture(scope="module")
