@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import (
+    BASE_RUN,
     NUM_DEVICES,
     assert_one_error,
     assert_trees_close,
