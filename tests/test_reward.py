@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import (
+    BASE_RUN,
     NUM_DEVICES,
     assert_one_error,
     assert_trees_close,
@@ -22,7 +23,6 @@ from conftest import (
     run_cli,
     snapshot,
     tiny_model,
-    tiny_run,
 )
 
 from genai_jax import cli, config, reward, rundir, runs, stages
@@ -427,7 +427,6 @@ def test_near_miss_never_returns_the_answer():
 # ---------------------------------------------------------------------------------------------
 # The reward stage end to end: pretrain -> sft -> reward, then `score`
 
-BASE_RUN = tiny_run(model=dict(context_len=64), data=dict(world_docs=200))
 SMALL = dict(n_layer=2, n_head=2, d_model=32, context_len=64)
 RM_STEPS = 4
 
