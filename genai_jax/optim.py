@@ -37,10 +37,14 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(cfg: OptimConfig, max_steps: int) -> optax.GradientTransformation:
-    """Clipped AdamW; its first moment is kept in `cfg.moments_dtype` (the second in float32)."""
+def make_optimizer(cfg: OptimConfig, max_steps: int, lr_scale=None) -> optax.GradientTransformation:
+    """Clipped AdamW; its first moment is kept in `cfg.moments_dtype` (the second in float32).
+
+    `lr_scale` (a number, traced in a population's step) multiplies the whole schedule; the
+    optimizer state is the same either way."""
+    base = schedule(cfg, max_steps)
     adamw = optax.adamw(
-        learning_rate=schedule(cfg, max_steps),
+        learning_rate=base if lr_scale is None else lambda count: lr_scale * base(count),
         b1=cfg.b1,
         b2=cfg.b2,
         eps=cfg.eps,

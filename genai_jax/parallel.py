@@ -77,10 +77,11 @@ def host_peak_mib() -> float:
 
 
 def check_fits(memory: dict[str, float] | None, device, program: str = "the train step",
-               advice: str = TRAIN_STEP_ADVICE) -> None:
+               advice: str | Callable[[float, float], str] = TRAIN_STEP_ADVICE) -> None:
     """Refuse a compiled program needing more than `device`'s free memory before it first runs (XLA
     on GPU compiles one anyway and fails at its first allocation; the TPU compiler refuses it
-    itself). The arguments are on the device already; backends without memory stats (CPU) pass."""
+    itself). The arguments are on the device already; backends without memory stats (CPU) pass.
+    `advice` may be a function of the MiB needed and free (a population's says how many fit)."""
     stats = device.memory_stats()
     if memory is None or not stats or "bytes_limit" not in stats:
         return
@@ -89,11 +90,12 @@ def check_fits(memory: dict[str, float] | None, device, program: str = "the trai
     if needed > free:
         raise UserError(
             f"{program} needs {needed:,.0f} MiB more per device than the {free:,.0f} MiB free on "
-            f"{device.device_kind}; {advice}"
+            f"{device.device_kind}; {advice(needed, free) if callable(advice) else advice}"
         )
 
 
-def report_memory(compiled, program: str, advice: str = TRAIN_STEP_ADVICE) -> dict[str, float] | None:
+def report_memory(compiled, program: str, advice: str | Callable[[float, float], str] = TRAIN_STEP_ADVICE
+                  ) -> dict[str, float] | None:
     """`compiled`'s memory per device (`memory_mib`), printed once as "PROGRAM memory per device:
     ..."; refused, with `advice`, if it cannot fit the first local device (`check_fits`)."""
     memory = memory_mib(compiled)
@@ -103,11 +105,13 @@ def report_memory(compiled, program: str, advice: str = TRAIN_STEP_ADVICE) -> di
     return memory
 
 
-def compile_step(strategy, train_step: Callable, abstract_state, example: tuple, program: str = "train step"):
+def compile_step(strategy, train_step: Callable, abstract_state, example: tuple, program: str = "train step",
+                 advice: str | Callable[[float, float], str] = TRAIN_STEP_ADVICE):
     """(`train_step` compiled by `strategy` ahead of time for `example` arguments, its memory per
-    device or None): refused if it cannot fit the device, its memory printed (`report_memory`)."""
+    device or None): refused, with `advice`, if it cannot fit the device, its memory printed
+    (`report_memory`)."""
     compiled = strategy.compile(train_step, abstract_state, example=example)
-    return compiled, report_memory(compiled, program)
+    return compiled, report_memory(compiled, program, advice)
 
 
 def to_host(tree) -> Any:

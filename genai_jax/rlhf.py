@@ -36,6 +36,7 @@ from etils import epath
 from tqdm import tqdm
 
 from genai_jax import config as config_lib
+from genai_jax import population as population_lib
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
@@ -555,6 +556,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 3: PPO on the policy of `ppo.policy` against the reward model of `ppo.reward`.
     Returns the final metrics (the last iteration's record merged with the last evaluation)."""
     run_dir = epath.Path(run_dir)
+    population_lib.check(cfg, "ppo")
     check_algorithm(cfg)
     cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)
     prompts = load_prompts(cfg, tokenizer)

@@ -10,12 +10,15 @@ metrics.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 from etils import epath
 
+from genai_jax import population as population_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
@@ -73,11 +76,27 @@ def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunCon
 
 def final_record(run_dir: epath.Path) -> dict:
     """The records of a run's last step merged, e.g. its train and eval records (process 0; others
-    have none)."""
+    have none); of a population, its mean records."""
     if jax.process_index() != 0:
         return {}
-    records = rundir.read_metrics(run_dir)
-    return {name: value for record in records if record["step"] == records[-1]["step"] for name, value in record.items()}
+    records = [record for record in rundir.read_metrics(run_dir)
+               if "replica" not in record and record.get("population", "mean") == "mean"]
+    return {name: value for record in records if record["step"] == records[-1]["step"]
+            for name, value in record.items() if name != "population"}
+
+
+def make_stage_init_fn(cfg: RunConfig, initial_params=None):
+    """TrainState init of a pretrain, sft, reward or dpo run, stacked over a population's replicas:
+    params from a copy of `initial_params(seed)` (the step donates them; the caller may still use
+    them), or a fresh init. Suits `jax.eval_shape` (abstract states to restore into)."""
+    optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
+
+    def make(seed):
+        if initial_params is None:
+            return make_init_fn(partial(init_params, cfg.model), optimizer, seed)
+        return make_init_fn(lambda _: jax.tree.map(jnp.array, initial_params(seed)), optimizer, seed)
+
+    return population_lib.Population(cfg).map_init(make)
 
 
 def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
@@ -99,15 +118,54 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict
     """(config, tokenizer, params) of a run's latest checkpoint, on the default device."""
     run_dir = epath.Path(run_dir)
     cfg = rundir.read_config(run_dir)
+    if population_lib.is_population(cfg):
+        raise UserError(f"{run_dir} holds a population of {population_lib.Population(cfg).size} replicas; "
+                        f"`genai-jax extract --run {run_dir} --replica I --run-dir OUT` writes one as a run")
     tokenizer = load_tokenizer(run_dir)
+    init_fn = make_ppo_init_fn(cfg) if cfg.ppo.policy else make_stage_init_fn(cfg)
+    state, _ = restore_latest(run_dir, init_fn)
+    return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params
+
+
+def restore_latest(run_dir: epath.Path, init_fn):
+    """(state, data iterator state) of a run's latest checkpoint, on one device, shaped as
+    `init_fn()` makes them (its RLHF state is `make_ppo_init_fn`'s)."""
     checkpointer = Checkpointer(run_dir / "checkpoints")
     if checkpointer.latest_step() is None:
         raise UserError(f"{run_dir}: no checkpoint yet")
-    if cfg.ppo.policy:  # an RLHF run: {"policy", "value"} (or {"policy"}) under the PPO optimizer
-        init_fn = make_ppo_init_fn(cfg)
-    else:
-        init_fn = make_init_fn(partial(init_params, cfg.model), make_optimizer(cfg.optim, cfg.train.max_steps),
-                               cfg.train.seed)
-    state, _ = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
+    restored = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
     checkpointer.close()
-    return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params
+    return restored
+
+
+def extract(run_dir: str | os.PathLike, index: int, out: str | os.PathLike) -> None:
+    """Write replica `index` of a population run as the ordinary run it equals
+    (`population.replica_config`): config.json, tokenizer, its latest checkpoint (its state and
+    data order, so the new run resumes exactly), its records without the replica tags, and a reward
+    model's normalisation."""
+    run_dir, out = epath.Path(run_dir), epath.Path(out)
+    cfg = rundir.read_config(run_dir)
+    population = population_lib.Population(cfg)
+    if not population.stacked:
+        raise UserError(f"{run_dir} holds no population (train.population=1, no population axes)")
+    if cfg.ppo.policy:
+        raise UserError(f"{run_dir}: RL runs hold no population")
+    if not 0 <= index < population.size:
+        raise UserError(f"--replica {index}: {run_dir} holds replicas 0 to {population.size - 1}")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; choose another --run-dir")
+    replica = population.replicas[index]
+    state, data_state = restore_latest(run_dir, make_stage_init_fn(cfg))
+    replica_cfg = population_lib.replica_config(cfg, replica)
+    rundir.write_config(out, replica_cfg)
+    load_tokenizer(run_dir).save(out)
+    checkpointer = Checkpointer(out / "checkpoints")
+    checkpointer.save(int(state.step[index]), population_lib.take(state, index), data_state["replicas"][index])
+    checkpointer.wait()
+    checkpointer.close()
+    records = population_lib.replica_records(rundir.read_metrics(run_dir), index)
+    (out / rundir.METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+    for path in run_dir.glob("*.json"):  # per-replica results (a reward model's normalisation)
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and set(data) == {"replicas"}:
+            (out / path.name).write_text(json.dumps(data["replicas"][index], indent=2))

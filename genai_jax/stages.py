@@ -11,12 +11,12 @@ import os
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from genai_jax import config as config_lib
 from genai_jax import dpo as dpo_lib
+from genai_jax import population as population_lib
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
@@ -26,17 +26,17 @@ from genai_jax.data import loader, sources
 from genai_jax.data.chat import build_preference_rows
 from genai_jax.distributed import say
 from genai_jax.evaluation import policy_gold, respond
-from genai_jax.model import GPT, count_params, init_params, with_scalar_head
+from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import make_bradley_terry_objective
 from genai_jax.objectives.dpo import make_dpo_objective
 from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
 from genai_jax.parallel import compile_step, host_copy, host_peak_mib, make_strategy, peak_record, sync_processes, to_host
-from genai_jax.runs import final_record, load_trained, open_run, restore_target, with_vocab
+from genai_jax.runs import final_record, load_trained, make_stage_init_fn, open_run, restore_target, with_vocab
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer
-from genai_jax.train import fit, make_eval_step, make_init_fn, make_train_step
+from genai_jax.train import fit, make_eval_step, make_train_step
 
 
 def seq_len(cfg: RunConfig) -> int:
@@ -46,9 +46,10 @@ def seq_len(cfg: RunConfig) -> int:
     return length
 
 
-def check_config(cfg: RunConfig) -> int:
+def check_config(cfg: RunConfig, stage: str) -> int:
     """The sequence length, once the settings a run directory cannot fix later are checked (so a
     bad flag fails before anything is written)."""
+    population_lib.check(cfg, stage)
     loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
     return seq_len(cfg)
 
@@ -57,24 +58,26 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
                 initial_params=None, summary: dict | None = None):
     """The loop every stage shares: strategy, grain iterators, restore or init, compile, fit.
 
-    `make_objective(apply_fn, deterministic)` builds the stage's objective; train_source and
-    val_source are random-access records of one LM row each. The state starts from
-    `initial_params` (a fine-tuning stage) or from a fresh init, unless the run directory holds a
-    checkpoint, which always wins. The train step is compiled ahead of time, so a step too big for
-    the device fails before training; its memory is printed and logged at step 0
-    (`step_memory_mib`, per device). Returns the final state.
+    `make_objective(apply_fn, deterministic, **keywords)` builds the stage's objective (a
+    population's axes may set keywords); train_source and val_source are random-access records
+    of one LM row each. The state starts from `initial_params(seed)` (a fine-tuning stage) or
+    from a fresh init, unless the run directory holds a checkpoint, which always wins. A
+    population (`population.Population`) stacks its replicas' states and maps the step over them.
+    The train step is compiled ahead of time, so a step too big for the device fails before
+    training; its memory is printed and logged at step 0 (`step_memory_mib`, per device).
+    Returns the final state.
     """
     strategy = make_strategy(cfg.train)
+    population = population_lib.Population(cfg)
     batch_size = loader.per_process_batch(cfg.train.batch_size, strategy.batch_divisor * cfg.optim.grad_accum)
-    train_iter = loader.train_iterator(train_source, batch_size, seed=cfg.data.seed)
+    train_iter = population.train_iterator(train_source, batch_size)
     val_batches = []
     if val_source is not None:
         val_batches = loader.validation_batches(val_source, cfg.train.batch_size, cfg.train.eval_batches,
                                                 seed=cfg.data.seed + 1)
 
     model = GPT(cfg.model)
-    optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
-    init_fn = make_init_fn(partial(init_params, cfg.model), optimizer, cfg.train.seed)
+    init_fn = make_stage_init_fn(cfg)
     abstract_state = jax.eval_shape(init_fn)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
@@ -82,26 +85,35 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
         state = strategy.place_state(state)
         train_iter.set_state(data_state)
     elif initial_params is not None:
-        # A copy: the step donates the state, and the caller may still use its arrays.
-        params = jax.tree.map(jnp.array, initial_params)
-        state = strategy.place_state(make_init_fn(lambda _: params, optimizer, cfg.train.seed)())
+        state = strategy.place_state(make_stage_init_fn(cfg, initial_params)())
     else:
         state = strategy.compile_init(init_fn, abstract_state)()
-    start_step = int(to_host(strategy.state_to_host(state).step))
+    start_step = int(to_host(strategy.state_to_host(state).step).flat[0])
+
+    def replica_objective(deterministic: bool, values: dict):
+        return make_objective(model.apply, deterministic, **{k: v for k, v in values.items() if k != "lr_scale"})
+
+    def replica_step(values: dict):
+        return make_train_step(replica_objective(False, values),
+                               make_optimizer(cfg.optim, cfg.train.max_steps, values.get("lr_scale")),
+                               strategy.reduce, cfg.optim.grad_accum)
 
     example_batch = jax.tree.map(lambda x: np.zeros((batch_size, *np.shape(x)), np.asarray(x).dtype),
                                  train_source[0])
     step_fn, memory = compile_step(
-        strategy,
-        make_train_step(make_objective(model.apply, False), optimizer, strategy.reduce, cfg.optim.grad_accum),
-        abstract_state,
-        example=(state, strategy.place_batch(example_batch), jax.random.PRNGKey(0)),
+        strategy, population.map_step(replica_step), abstract_state,
+        example=(state, strategy.place_batch(population.stack_like(example_batch)),
+                 population.keys(to_host(strategy.state_to_host(state).rng), 0)),
+        advice=population.memory_advice,
     )
-    eval_fn = strategy.compile_eval(make_eval_step(make_objective(model.apply, True), strategy.reduce), abstract_state)
+    eval_fn = strategy.compile_eval(
+        population.map_eval(lambda values: make_eval_step(replica_objective(True, values), strategy.reduce)),
+        abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:
-        writer.write({"step": 0, "n_params": count_params(abstract_state.params),
-                      "n_params_non_embedding": count_params(abstract_state.params, embeddings=False),
+        writer.write({"step": 0, "n_params": count_params(abstract_state.params) // population.size,
+                      "n_params_non_embedding": count_params(abstract_state.params, embeddings=False) // population.size,
+                      **({"replicas": population.size} if population.stacked else {}),
                       **peak_record("step_memory_mib", memory), **(summary or {})})
     try:  # closed on preemption too, so TensorBoard gets every record
         state = fit(
@@ -116,6 +128,7 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
             cfg=cfg.train,
             tokens_per_step=cfg.train.batch_size * seq_len(cfg),
             lr_fn=schedule(cfg.optim, cfg.train.max_steps),
+            population=population,
         )
     finally:
         writer.close()
@@ -126,7 +139,7 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
 def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 1: train a GPT with the LM loss on the configured corpus. Returns the final metrics."""
     run_dir = epath.Path(run_dir)
-    length = check_config(cfg)
+    length = check_config(cfg, "pretrain")
     text = sources.load_text(cfg.data)
     cfg, tokenizer = open_run(cfg, run_dir, lambda directory: build_tokenizer(cfg.data, text, directory))
 
@@ -141,8 +154,9 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         if jax.process_index() == 0:
             prompt = val_tokens[:1] if len(val_tokens) else train_tokens[:1]
             new = min(cfg.train.sample_tokens, cfg.model.context_len - 1)
-            sample = sample_text(cfg, params, tokenizer, prompt, new, seed=cfg.train.seed)
-            (run_dir / "samples.txt").write_text(sample + "\n")
+            samples = [sample_text(cfg, replica_params, tokenizer, prompt, new, seed=replica.seed)
+                       for replica, replica_params in population_lib.Population(cfg).split(params)]
+            (run_dir / "samples.txt").write_text("".join(sample + "\n" for sample in samples))
         # The others wait here rather than at a barrier that times out (JAX's at exit, orbax's in
         # the next stage's restore), however long the sample takes.
         sync_processes("pretrain: sampled")
@@ -153,7 +167,7 @@ def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
     run_dir = epath.Path(run_dir)
     cfg, tokenizer, base_params = load_init(cfg, "sft needs --init-from RUN_DIR (a pretraining run)")
-    length = check_config(cfg)
+    length = check_config(cfg, "sft")
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
     train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
     val_rows = None
@@ -163,7 +177,7 @@ def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     say(f"sft data: {train_stats}")
     train_stage(
         cfg, run_dir, make_objective=make_masked_lm_objective, train_source=loader.Rows(train_rows),
-        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=base_params,
+        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=lambda seed: base_params,
         summary=train_stats,
     )
     return final_record(run_dir)
@@ -193,7 +207,7 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         raise UserError("a reward model needs model.head=scalar")
     cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
     policy_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="lm"))
-    length = check_config(cfg)
+    length = check_config(cfg, "reward")
     train_groups, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, policy_cfg, sft_params, tokenizer,
                                                                             length)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
@@ -201,10 +215,10 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     state = train_stage(
         cfg, run_dir, make_objective=partial(make_bradley_terry_objective, centering=cfg.objective.reward_centering),
         train_source=loader.Rows(train_rows), val_source=None if val_rows is None else loader.Rows(val_rows),
-        initial_params=with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(cfg.train.seed + 1)),
+        initial_params=lambda seed: with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(seed + 1)),
         summary=stats,
     )
-    reward_params = host_copy(state.params)  # a collective: every process takes part
+    params = host_copy(state.params)  # a collective: every process takes part
     record = {}
     if jax.process_index() == 0:  # the others wait at the barrier below
         # Normalise on the policy's samples for training prompts; check on a second, independent draw.
@@ -214,20 +228,29 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                                      seed=cfg.data.seed + offset)]
             for offset in (11, 13)
         )
-        normalization = reward_lib.fit_normalization(
-            reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
-        reward_lib.save_normalization(run_dir, normalization)
-        check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
-        record = {"step": cfg.train.max_steps, **normalization,
-                  "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
-        if val_agrees is not None and val_rows is not None:
-            accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
-            record |= {"val_label_accuracy": float(accuracy.mean()),
-                       "val_gold_accuracy": float(reward_lib.gold_accuracy(accuracy, val_agrees).mean()),
-                       "val_label_gold_agreement": float(np.mean(val_agrees))}
+
+        def evaluated(reward_params) -> dict:
+            normalization = reward_lib.fit_normalization(
+                reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
+            check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
+            result = {**normalization, "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
+            if val_agrees is not None and val_rows is not None:
+                accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
+                result |= {"val_label_accuracy": float(accuracy.mean()),
+                           "val_gold_accuracy": float(reward_lib.gold_accuracy(accuracy, val_agrees).mean()),
+                           "val_label_gold_agreement": float(np.mean(val_agrees))}
+            return result
+
+        population = population_lib.Population(cfg)
+        results = [evaluated(replica_params) for _, replica_params in population.split(params)]
+        reward_lib.save_normalization(run_dir, population.result_file(
+            [{name: result[name] for name in ("gain", "bias")} for result in results]))
+        records = population.log(cfg.train.max_steps, results)
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-        writer.write(record)
+        for line in records:
+            writer.write(line)
         writer.close()
+        record = records[0]
     sync_processes("reward: normalised")  # a later stage of this launch (the pipeline's ppo) reads it
     return record
 
@@ -241,7 +264,7 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if cfg.model.head != "lm":
         raise UserError("dpo trains a policy: model.head must be lm")
     cfg, tokenizer, sft_params = load_init(cfg, "dpo needs --init-from RUN_DIR (an SFT run)")
-    length = check_config(cfg)
+    length = check_config(cfg, "dpo")
     _, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, cfg, sft_params, tokenizer, length)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     say(f"dpo data: {stats}")
@@ -257,21 +280,29 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                         reference_params=on_the_fly)
     state = train_stage(
         cfg, run_dir, make_objective=objective, train_source=loader.Rows(named_rows["train"]),
-        val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None, initial_params=sft_params,
+        val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None, initial_params=lambda seed: sft_params,
         summary=stats,
     )
     params = host_copy(state.params)  # a collective: every process takes part
-    record = {}
     if jax.process_index() == 0:  # the others wait at the barrier below
-        if val_rows is not None:
-            accuracy = dpo_lib.implicit_pair_accuracy(cfg, params, sft_params, val_rows)
-            record["val_pair_accuracy"] = float(accuracy.mean())
-            if val_agrees is not None:
-                record["val_gold_accuracy"] = float(reward_lib.gold_accuracy(accuracy, val_agrees).mean())
-        record |= policy_gold(cfg, params, tokenizer, cfg.dpo.gold_prompts, cfg.dpo.max_new_tokens, temperature=1.0)
-        record["host_peak_mib"] = host_peak_mib()
+        population = population_lib.Population(cfg)
+
+        def evaluated(replica: population_lib.Replica, policy_params) -> dict:
+            # the implicit reward is beta * log-ratio: each replica's own beta
+            replica_cfg = population_lib.replica_config(cfg, replica)
+            result = {}
+            if val_rows is not None:
+                accuracy = dpo_lib.implicit_pair_accuracy(replica_cfg, policy_params, sft_params, val_rows)
+                result["val_pair_accuracy"] = float(accuracy.mean())
+                if val_agrees is not None:
+                    result["val_gold_accuracy"] = float(reward_lib.gold_accuracy(accuracy, val_agrees).mean())
+            return result | policy_gold(cfg, policy_params, tokenizer, cfg.dpo.gold_prompts, cfg.dpo.max_new_tokens,
+                                        temperature=1.0)
+
+        results = [evaluated(*replica_params) for replica_params in population.split(params)]
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-        writer.write({"step": cfg.train.max_steps, **record})
+        for line in population.log(cfg.train.max_steps, results, lambda replica: {"host_peak_mib": host_peak_mib()}):
+            writer.write(line)
         writer.close()
     sync_processes("dpo: evaluated")
     return final_record(run_dir)
