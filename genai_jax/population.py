@@ -169,12 +169,14 @@ class Population:
         value = dict(replica.values).get("optim.lr")
         return 1.0 if value is None else value / self.cfg.optim.lr
 
-    def map_init(self, make_init: Callable[[int], Callable]) -> Callable:
-        """`make_init(seed)() -> TrainState` for every replica's seed, stacked (jittable)."""
+    def map_init(self, make_init: Callable[[int, int], Callable]) -> Callable:
+        """`make_init(index, seed)() -> TrainState` for every replica's index and seed (traced),
+        stacked (jittable)."""
         if not self.stacked:
-            return make_init(self.cfg.train.seed)
+            return make_init(0, self.cfg.train.seed)
+        indices = jnp.arange(self.size)
         seeds = jnp.array([r.seed for r in self.replicas], jnp.int32)
-        return lambda: jax.vmap(lambda seed: make_init(seed)())(seeds)
+        return lambda: jax.vmap(lambda index, seed: make_init(index, seed)())(indices, seeds)
 
     def map_step(self, make_step: Callable[[dict], Callable]) -> Callable:
         """`make_step(values)(state, batch, rng)`, one replica's step for its `step_values` (an

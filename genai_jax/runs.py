@@ -87,14 +87,15 @@ def final_record(run_dir: epath.Path) -> dict:
 
 def make_stage_init_fn(cfg: RunConfig, initial_params=None):
     """TrainState init of a pretrain, sft, reward or dpo run, stacked over a population's replicas:
-    params from a copy of `initial_params(seed)` (the step donates them; the caller may still use
-    them), or a fresh init. Suits `jax.eval_shape` (abstract states to restore into)."""
+    params from a copy of `initial_params(index, seed)` of each replica (the step donates them; the
+    caller may still use them), or a fresh init. Suits `jax.eval_shape` (abstract states to
+    restore into)."""
     optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
 
-    def make(seed):
+    def make(index, seed):
         if initial_params is None:
             return make_init_fn(partial(init_params, cfg.model), optimizer, seed)
-        return make_init_fn(lambda _: jax.tree.map(jnp.array, initial_params(seed)), optimizer, seed)
+        return make_init_fn(lambda _: jax.tree.map(jnp.array, initial_params(index, seed)), optimizer, seed)
 
     return population_lib.Population(cfg).map_init(make)
 
@@ -127,6 +128,14 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict
     return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params
 
 
+def load_population(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config, tokenizer, params stacked over the replicas) of a population run's latest checkpoint."""
+    run_dir = epath.Path(run_dir)
+    cfg = rundir.read_config(run_dir)
+    state, _ = restore_latest(run_dir, make_stage_init_fn(cfg))
+    return cfg, load_tokenizer(run_dir), state.params
+
+
 def restore_latest(run_dir: epath.Path, init_fn):
     """(state, data iterator state) of a run's latest checkpoint, on one device, shaped as
     `init_fn()` makes them (its RLHF state is `make_ppo_init_fn`'s)."""
@@ -154,9 +163,8 @@ def extract(run_dir: str | os.PathLike, index: int, out: str | os.PathLike) -> N
         raise UserError(f"--replica {index}: {run_dir} holds replicas 0 to {population.size - 1}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --run-dir")
-    replica = population.replicas[index]
     state, data_state = restore_latest(run_dir, make_stage_init_fn(cfg))
-    replica_cfg = population_lib.replica_config(cfg, replica)
+    replica_cfg = population_lib.replica_config(cfg, population.replicas[index])
     rundir.write_config(out, replica_cfg)
     load_tokenizer(run_dir).save(out)
     checkpointer = Checkpointer(out / "checkpoints")

@@ -33,7 +33,8 @@ from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_optimizer, schedule
 from genai_jax.parallel import compile_step, host_copy, host_peak_mib, make_strategy, peak_record, sync_processes, to_host
-from genai_jax.runs import final_record, load_trained, make_stage_init_fn, open_run, restore_target, with_vocab
+from genai_jax.runs import (final_record, load_population, load_trained, make_stage_init_fn, open_run, restore_target,
+                            with_vocab)
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer
 from genai_jax.train import fit, make_eval_step, make_train_step
@@ -60,8 +61,8 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
 
     `make_objective(apply_fn, deterministic, **keywords)` builds the stage's objective (a
     population's axes may set keywords); train_source and val_source are random-access records
-    of one LM row each. The state starts from `initial_params(seed)` (a fine-tuning stage) or
-    from a fresh init, unless the run directory holds a checkpoint, which always wins. A
+    of one LM row each. The state starts from `initial_params(index, seed)` of each replica (a
+    fine-tuning stage) or from a fresh init, unless the run directory holds a checkpoint, which always wins. A
     population (`population.Population`) stacks its replicas' states and maps the step over them.
     The train step is compiled ahead of time, so a step too big for the device fails before
     training; its memory is printed and logged at step 0 (`step_memory_mib`, per device).
@@ -166,7 +167,7 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
     run_dir = epath.Path(run_dir)
-    cfg, tokenizer, base_params = load_init(cfg, "sft needs --init-from RUN_DIR (a pretraining run)")
+    cfg, tokenizer, initial_params = sft_init(cfg)
     length = check_config(cfg, "sft")
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
     train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
@@ -177,18 +178,41 @@ def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     say(f"sft data: {train_stats}")
     train_stage(
         cfg, run_dir, make_objective=make_masked_lm_objective, train_source=loader.Rows(train_rows),
-        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=lambda seed: base_params,
+        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=initial_params,
         summary=train_stats,
     )
     return final_record(run_dir)
 
 
-def load_init(cfg: RunConfig, missing: str) -> tuple[RunConfig, Tokenizer, dict]:
-    """(config with vocab, tokenizer, params) of the `train.init_from` run a stage starts from,
+def sft_init(cfg: RunConfig):
+    """(config with vocab, tokenizer, `initial_params(index, seed)`) of SFT: every replica starts
+    from the init run, or replica i from replica i of an init run that is a population."""
+    missing = "sft needs --init-from RUN_DIR (a pretraining run)"
+    base_cfg = rundir.read_config(epath.Path(cfg.train.init_from)) if cfg.train.init_from else None
+    if base_cfg is None or not population_lib.is_population(base_cfg):
+        cfg, tokenizer, params = load_init(cfg, missing)
+        return cfg, tokenizer, lambda index, seed: params
+    cfg, tokenizer, stacked = load_init(cfg, missing, load=load_population)
+    check_population_init(cfg, base_cfg)
+    return cfg, tokenizer, lambda index, seed: population_lib.take(stacked, index)
+
+
+def check_population_init(cfg: RunConfig, base_cfg: RunConfig) -> None:
+    """Refuse fine-tuning a population from one of another size (replica i starts from replica i)."""
+    size, base_size = population_lib.Population(cfg).size, population_lib.Population(base_cfg).size
+    if size != base_size:
+        raise UserError(f"--init-from {cfg.train.init_from} is a population of {base_size} replicas and this run's "
+                        f"has {size} (train.population times the --population values); replica i starts from "
+                        "replica i, so they must be as many")
+
+
+def load_init(cfg: RunConfig, missing: str, load=load_trained) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config with vocab, tokenizer, params) of the `train.init_from` run a stage starts from
+    (`load`: `runs.load_trained`, or `runs.load_population` for a population's stacked params),
     refusing one whose model differs from this stage's (dropout and head may differ)."""
     if not cfg.train.init_from:
         raise UserError(missing)
-    base_cfg, tokenizer, base_params = load_trained(cfg.train.init_from)
+    base_cfg, tokenizer, base_params = load(cfg.train.init_from)
     cfg = with_vocab(cfg, tokenizer)
     mismatched = [name for name in config_lib.diff(base_cfg.model, cfg.model) if name not in ("dropout", "head")]
     if mismatched:
@@ -215,7 +239,7 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     state = train_stage(
         cfg, run_dir, make_objective=partial(make_bradley_terry_objective, centering=cfg.objective.reward_centering),
         train_source=loader.Rows(train_rows), val_source=None if val_rows is None else loader.Rows(val_rows),
-        initial_params=lambda seed: with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(seed + 1)),
+        initial_params=lambda index, seed: with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(seed + 1)),
         summary=stats,
     )
     params = host_copy(state.params)  # a collective: every process takes part
@@ -280,8 +304,8 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                         reference_params=on_the_fly)
     state = train_stage(
         cfg, run_dir, make_objective=objective, train_source=loader.Rows(named_rows["train"]),
-        val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None, initial_params=lambda seed: sft_params,
-        summary=stats,
+        val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None,
+        initial_params=lambda index, seed: sft_params, summary=stats,
     )
     params = host_copy(state.params)  # a collective: every process takes part
     if jax.process_index() == 0:  # the others wait at the barrier below

@@ -193,6 +193,20 @@ def test_extract_writes_a_replica_as_an_ordinary_run(tmp_path, capsys, sft_popul
 
 
 @pytest.mark.slow
+def test_sft_replica_i_starts_from_replica_i_of_a_pretraining_population(tmp_path, capsys):
+    stages.pretrain(tiny_run(model=SMALL, data=dict(world_docs=200), train=SINGLE | dict(population=2)),
+                    tmp_path / "base")
+    assert run_cli(capsys, "extract", "--run", tmp_path / "base", "--replica", 1, "--run-dir", tmp_path / "base1")[0] == 0
+    cfg = sft_config(tmp_path / "base", population=2)
+    stages.sft(cfg, tmp_path / "population")
+    stages.sft(config.replace(standalone(cfg, 1), train=dict(init_from=str(tmp_path / "base1"))), tmp_path / "alone")
+    assert_same_log(replica_log(tmp_path / "population", 1), standalone_log(tmp_path / "alone"))
+    with pytest.raises(UserError, match="population of 2 replicas and this run's has 3"):
+        stages.sft(sft_config(tmp_path / "base", population=3), tmp_path / "three")
+    assert not (tmp_path / "three").exists()
+
+
+@pytest.mark.slow
 def test_reward_replica_equals_a_standalone_run(tmp_path, base_run):
     stages.sft(sft_config(base_run), tmp_path / "sft")
     cfg = config.replace(
