@@ -77,7 +77,6 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
         val_batches = loader.validation_batches(val_source, cfg.train.batch_size, cfg.train.eval_batches,
                                                 seed=cfg.data.seed + 1)
 
-    model = GPT(cfg.model)
     init_fn = make_stage_init_fn(cfg)
     abstract_state = jax.eval_shape(init_fn)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -91,25 +90,16 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
         state = strategy.compile_init(init_fn, abstract_state)()
     start_step = int(to_host(strategy.state_to_host(state).step).flat[0])
 
-    def replica_objective(deterministic: bool, values: dict):
-        return make_objective(model.apply, deterministic, **{k: v for k, v in values.items() if k != "lr_scale"})
-
-    def replica_step(values: dict):
-        return make_train_step(replica_objective(False, values),
-                               make_optimizer(cfg.optim, cfg.train.max_steps, values.get("lr_scale")),
-                               strategy.reduce, cfg.optim.grad_accum)
-
+    train_step, eval_step = stage_steps(cfg, population, make_objective, strategy.reduce)
     example_batch = jax.tree.map(lambda x: np.zeros((batch_size, *np.shape(x)), np.asarray(x).dtype),
                                  train_source[0])
     step_fn, memory = compile_step(
-        strategy, population.map_step(replica_step), abstract_state,
+        strategy, train_step, abstract_state,
         example=(state, strategy.place_batch(population.stack_like(example_batch)),
                  population.keys(to_host(strategy.state_to_host(state).rng), 0)),
         advice=population.memory_advice,
     )
-    eval_fn = strategy.compile_eval(
-        population.map_eval(lambda values: make_eval_step(replica_objective(True, values), strategy.reduce)),
-        abstract_state)
+    eval_fn = strategy.compile_eval(eval_step, abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params) // population.size,
@@ -135,6 +125,24 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
         writer.close()
         checkpointer.close()
     return strategy.state_to_host(state)
+
+
+def stage_steps(cfg: RunConfig, population: population_lib.Population, make_objective, reduce):
+    """(train step, eval step) of a stage: `train.make_train_step` and `make_eval_step` of
+    `make_objective(apply_fn, deterministic, **keywords)`, mapped over the population's replicas,
+    each replica's objective keywords and learning-rate scale traced numbers (`step_values`)."""
+    apply_fn = GPT(cfg.model).apply
+
+    def objective(deterministic: bool, values: dict):
+        return make_objective(apply_fn, deterministic, **{k: v for k, v in values.items() if k != "lr_scale"})
+
+    def train_step(values: dict):
+        return make_train_step(objective(False, values),
+                               make_optimizer(cfg.optim, cfg.train.max_steps, values.get("lr_scale")),
+                               reduce, cfg.optim.grad_accum)
+
+    return (population.map_step(train_step),
+            population.map_eval(lambda values: make_eval_step(objective(True, values), reduce)))
 
 
 def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
