@@ -49,8 +49,8 @@ def check(cfg: RunConfig, stage: str) -> None:
     if stage == "ppo":
         raise UserError("the RL stage (ppo, grpo, rloo) takes no population yet: leave train.population at 1 "
                         "and set no --population.* flags")
-    if cfg.train.strategy != "single":
-        raise UserError(f"a population runs under train.strategy=single for now, not {cfg.train.strategy}")
+    if cfg.train.strategy == "pmap":
+        raise UserError("a population runs under train.strategy=single or mesh, not pmap")
     seen = set()
     for name, values in cfg.population.axes:
         if name not in HYPERPARAMETERS:
@@ -146,6 +146,12 @@ class Population:
         self.replicas = replicas(cfg)
         self.size = len(self.replicas)
 
+    @property
+    def strategy_size(self) -> int | None:
+        """What `parallel.make_strategy` takes for this run: the replicas of a population, None
+        for an ordinary run."""
+        return self.size if self.stacked else None
+
     def memory_advice(self, needed: float, free: float) -> str:
         """What to lower when the step does not fit: for a population, how many replicas would
         (memory grows about linearly with them)."""
@@ -179,8 +185,9 @@ class Population:
         return lambda: jax.vmap(lambda index, seed: make_init(index, seed)())(indices, seeds)
 
     def map_step(self, make_step: Callable[[dict], Callable]) -> Callable:
-        """`make_step(values)(state, batch, rng)`, one replica's step for its `step_values` (an
-        empty dict for an ordinary run), vmapped over stacked states, batches and keys."""
+        """`make_step(values)(state, batch, rng)`, one replica's step (or eval step) for its
+        `step_values` (an empty dict for an ordinary run), vmapped over stacked states, batches and
+        keys. Evaluation batches are the same for every replica: `stack_like` stacks them."""
         if not self.stacked:
             return make_step({})
         values = self.step_values()
@@ -190,17 +197,6 @@ class Population:
                 states, batches, rngs, values)
 
         return step
-
-    def map_eval(self, make_eval: Callable[[dict], Callable]) -> Callable:
-        """Like `map_step` for `eval(state, batch, rng)`; every replica sees the same batch."""
-        if not self.stacked:
-            return make_eval({})
-        values = self.step_values()
-
-        def evaluate(states, batch, rngs):
-            return jax.vmap(lambda state, rng, value: make_eval(value)(state, batch, rng))(states, rngs, values)
-
-        return evaluate
 
     def keys(self, rng, step: int):
         """Step `step`'s key of each replica, `fold_in(replica's rng, step)`."""

@@ -51,7 +51,8 @@ def check_config(cfg: RunConfig, stage: str) -> int:
     """The sequence length, once the settings a run directory cannot fix later are checked (so a
     bad flag fails before anything is written)."""
     population_lib.check(cfg, stage)
-    loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
+    divisor = make_strategy(cfg.train, population_lib.Population(cfg).strategy_size).batch_divisor
+    loader.per_process_batch(cfg.train.batch_size, divisor * cfg.optim.grad_accum)
     return seq_len(cfg)
 
 
@@ -68,14 +69,14 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     training; its memory is printed and logged at step 0 (`step_memory_mib`, per device).
     Returns the final state.
     """
-    strategy = make_strategy(cfg.train)
     population = population_lib.Population(cfg)
+    strategy = make_strategy(cfg.train, population.strategy_size)
     batch_size = loader.per_process_batch(cfg.train.batch_size, strategy.batch_divisor * cfg.optim.grad_accum)
     train_iter = population.train_iterator(train_source, batch_size)
     val_batches = []
     if val_source is not None:
-        val_batches = loader.validation_batches(val_source, cfg.train.batch_size, cfg.train.eval_batches,
-                                                seed=cfg.data.seed + 1)
+        val_batches = [population.stack_like(batch) for batch in loader.validation_batches(
+            val_source, cfg.train.batch_size, cfg.train.eval_batches, seed=cfg.data.seed + 1)]
 
     init_fn = make_stage_init_fn(cfg)
     abstract_state = jax.eval_shape(init_fn)
@@ -142,7 +143,7 @@ def stage_steps(cfg: RunConfig, population: population_lib.Population, make_obje
                                reduce, cfg.optim.grad_accum)
 
     return (population.map_step(train_step),
-            population.map_eval(lambda values: make_eval_step(objective(True, values), reduce)))
+            population.map_step(lambda values: make_eval_step(objective(True, values), reduce)))
 
 
 def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:

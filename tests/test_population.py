@@ -8,7 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import assert_one_error, cli_flags, run_cli, snapshot, tiny_run
+from conftest import assert_one_error, cases, cli_flags, run_cli, snapshot, tiny_run
 
 from genai_jax import config, population, rundir, runs, stages
 from genai_jax.config import UserError
@@ -91,6 +91,22 @@ def test_replicas_differ_and_the_population_logs_their_mean_and_std(pretrain_pop
     assert runs.final_record(run_dir)["loss"] == pytest.approx(losses[:, -1].mean())
     boards = sorted(p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir())
     assert boards == ["population_mean", "population_std", "replica_0", "replica_1", "replica_2"]
+
+
+@pytest.mark.parametrize("mesh", cases(
+    "replicas-over-data", **{"replicas-over-data": dict(mesh_data=4, mesh_fsdp=2), "replicas-whole": dict(mesh_data=8)}))
+def test_a_population_on_the_mesh_equals_one_on_one_device(tmp_path, pretrain_population, mesh):
+    """Four replicas: over the data axis (each replica's rows over fsdp), or, three not dividing
+    eight, whole on every device with their rows over all of them."""
+    cfg, run_dir = pretrain_population
+    size = 4 if "mesh_fsdp" in mesh else 3
+    meshed = with_train(cfg, strategy="mesh", population=size, **mesh)
+    stages.pretrain(meshed, tmp_path / "mesh")
+    reference = run_dir if size == 3 else tmp_path / "single"
+    if size == 4:
+        stages.pretrain(with_train(cfg, population=4), reference)
+    for k in range(size):
+        assert_same_log(replica_log(tmp_path / "mesh", k), replica_log(reference, k))
 
 
 def test_learning_rate_axis_replica_equals_a_standalone_run_with_that_rate(tmp_path):
@@ -232,7 +248,7 @@ def test_reward_replica_equals_a_standalone_run(tmp_path, base_run):
     (["--population.dpo.beta", "0.1,0.2"], ["--population.dpo.beta", "the pretrain stage does not read"]),
     (["--population.optim.nope", "1"], ["--population.optim.nope", "not a config field"]),
     (["--population.optim.lr", "1e-3,fast"], ["--population.optim.lr", "expected a number"]),
-    (["--train.population", "2", "--train.strategy", "mesh"], ["train.strategy=single"]),
+    (["--train.population", "2", "--train.strategy", "pmap"], ["train.strategy=single or mesh"]),
     (["--train.population", "0"], ["train.population=0"]),
 ])
 def test_bad_populations_are_refused_in_one_line(tmp_path, capsys, flags, needles):
