@@ -61,16 +61,17 @@ def updates_per_iteration(cfg: RunConfig) -> int:
     return cfg.ppo.epochs * cfg.ppo.minibatches
 
 
-def make_ppo_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+def make_ppo_optimizer(cfg: RunConfig, lr_scale=None) -> optax.GradientTransformation:
     """AdamW for the policy at optim.lr and, if the algorithm has one, for the value model at
     ppo.value_lr (each clipped on its own), with schedules over all the run's updates; the value model's decays by the same
-    factor as the policy's (not at all when optim.lr is 0: a frozen policy)."""
+    factor as the policy's (not at all when optim.lr is 0: a frozen policy). `lr_scale` scales
+    the policy's schedule, and the value model's where ppo.value_lr is 0 (it follows optim.lr)."""
     total_updates = cfg.train.max_steps * updates_per_iteration(cfg)
     value_lr = cfg.ppo.value_lr or cfg.optim.lr
     decay = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr else 1.0
     value_optim = dataclasses.replace(cfg.optim, lr=value_lr, min_lr=decay * value_lr)
-    transforms = {"policy": make_optimizer(cfg.optim, total_updates)}
+    transforms = {"policy": make_optimizer(cfg.optim, total_updates, lr_scale)}
     if cfg.ppo.has_value_model:
-        transforms["value"] = make_optimizer(value_optim, total_updates)
+        transforms["value"] = make_optimizer(value_optim, total_updates, None if cfg.ppo.value_lr else lr_scale)
     return optax.multi_transform(
         transforms, lambda params: {name: jax.tree.map(lambda _: name, tree) for name, tree in params.items()})

@@ -27,10 +27,14 @@ from genai_jax.metrics import summary
 from genai_jax.parallel import TRAIN_STEP_ADVICE
 
 # The fields a population may vary: {field: (stages reading it, the objective keyword it sets, or
-# None for the learning rate, which scales the optimizer's schedule)}.
+# None: the learning rate scales the optimizer's schedule, the KL coefficient is the RL stage's
+# starting beta, a number its rollouts take)}.
 HYPERPARAMETERS: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "optim.lr": (("pretrain", "sft", "reward", "dpo"), None),
+    "optim.lr": (("pretrain", "sft", "reward", "dpo", "ppo"), None),
     "dpo.beta": (("dpo",), "beta"),
+    "ppo.kl_coef": (("ppo",), None),
+    "ppo.clip_ratio": (("ppo",), "clip_ratio"),
+    "ppo.entropy_coef": (("ppo",), "entropy_coef"),
 }
 TAGS = ("replica", "seed", "hyperparameters")
 """What a replica's record carries besides its metrics."""
@@ -46,11 +50,9 @@ def check(cfg: RunConfig, stage: str) -> None:
         raise UserError(f"train.population={cfg.train.population} must be at least 1")
     if not is_population(cfg):
         return
-    if stage == "ppo":
-        raise UserError("the RL stage (ppo, grpo, rloo) takes no population yet: leave train.population at 1 "
-                        "and set no --population.* flags")
-    if cfg.train.strategy == "pmap":
-        raise UserError("a population runs under train.strategy=single or mesh, not pmap")
+    if cfg.train.strategy == "pmap" or (stage == "ppo" and cfg.train.strategy != "single"):
+        raise UserError(f"a population of the {stage} stage runs under train.strategy="
+                        f"{'single' if stage == 'ppo' else 'single or mesh'}, not {cfg.train.strategy}")
     seen = set()
     for name, values in cfg.population.axes:
         if name not in HYPERPARAMETERS:
@@ -62,6 +64,9 @@ def check(cfg: RunConfig, stage: str) -> None:
         if name in seen or not values:
             raise UserError(f"--population.{name}: give each field once, with at least one value")
         seen.add(name)
+        if name == "ppo.kl_coef" and cfg.ppo.algorithm == "grpo":
+            raise UserError("--population.ppo.kl_coef: grpo's KL coefficient is a term of its loss that 0 leaves "
+                            "out of the program; vary it in separate runs")
         if name == "optim.lr" and cfg.optim.lr <= 0:
             raise UserError(f"--population.optim.lr scales the schedule of optim.lr, which is {cfg.optim.lr}")
 
@@ -111,6 +116,16 @@ def replica_records(records: list[dict], index: int) -> list[dict]:
     return sorted(shared + own, key=lambda record: record["step"])
 
 
+def replica_part(data, index: int):
+    """Replica `index`'s part of a population's saved data (`Population.result_file`'s
+    `{"replicas": [...]}`, wherever it sits in a dict): what the replica saves as an ordinary run."""
+    if isinstance(data, dict) and set(data) == {"replicas"}:
+        return data["replicas"][index]
+    if isinstance(data, dict):
+        return {name: replica_part(value, index) for name, value in data.items()}
+    return data
+
+
 def take(tree, index: int):
     """Replica `index` of a stacked pytree."""
     return jax.tree.map(lambda x: x[index], tree)
@@ -127,7 +142,7 @@ class StackedIterator:
         return self
 
     def __next__(self) -> dict:
-        return jax.tree.map(lambda *rows: np.stack(rows), *[next(it) for it in self.iterators])
+        return jax.tree.map(lambda *batches: np.stack(batches), *[next(it) for it in self.iterators])
 
     def get_state(self) -> dict:
         return {"replicas": [it.get_state() for it in self.iterators]}
@@ -222,11 +237,14 @@ class Population:
             return [(self.replicas[0], tree)]
         return [(r, take(tree, r.index)) for r in self.replicas]
 
-    def records(self, step: int, host_metrics: list[dict], extra: Callable[[Replica], dict] = lambda r: {}) -> list[dict]:
-        """Log records of host metrics (of one or more equal-weight batches, `metrics.summary`) and
-        `extra(replica)`, as `log` makes them."""
+    def summaries(self, host_metrics: list[dict]) -> list[dict]:
+        """Each replica's `metrics.summary` of host metrics (of one or more equal-weight batches)."""
         parts = [self.split(metrics) for metrics in host_metrics]
-        return self.log(step, [summary([batch[k][1] for batch in parts]) for k in range(self.size)], extra)
+        return [summary([batch[k][1] for batch in parts]) for k in range(self.size)]
+
+    def records(self, step: int, host_metrics: list[dict], extra: Callable[[Replica], dict] = lambda r: {}) -> list[dict]:
+        """Log records of host metrics (`summaries`) and `extra(replica)`, as `log` makes them."""
+        return self.log(step, self.summaries(host_metrics), extra)
 
     def log(self, step: int, per_replica: list[dict], extra: Callable[[Replica], dict] = lambda r: {}) -> list[dict]:
         """Log records of one record of numbers per replica: an ordinary run's one; a population's
@@ -246,3 +264,11 @@ class Population:
         normalisation): an ordinary run's value; a population's `{"replicas": [...]}`, of which
         `runs.extract` writes a replica's value under the same name."""
         return per_replica[0] if not self.stacked else {"replicas": per_replica}
+
+    def read_result(self, data) -> list:
+        """The values per replica of what `result_file` made."""
+        return [data] if not self.stacked else list(data["replicas"])
+
+    def stack(self, trees: list):
+        """One tree per replica as the step takes them: stacked for a population."""
+        return trees[0] if not self.stacked else jax.tree.map(lambda *parts: np.stack(parts), *trees)

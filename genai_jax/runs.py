@@ -102,17 +102,29 @@ def make_stage_init_fn(cfg: RunConfig, initial_params=None):
 
 def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
     """TrainState init for an RLHF run's {"policy", "value"} ({"policy"} for an algorithm without
-    a value model); with no params given, random ones of the right shape (enough for
-    `jax.eval_shape`, to restore checkpoints into)."""
+    a value model), stacked over a population's replicas: the policy from a copy of
+    `policy_params`, the value model from a copy of `value_params(seed)` (each replica's own head
+    init where it gets a new one); with no params given, random ones of the right shape (enough
+    for `jax.eval_shape`, to restore checkpoints into)."""
 
-    def init(key):
-        policy_key, value_key = jax.random.split(key)
-        params = {"policy": init_params(cfg.model, policy_key, "lm") if policy_params is None else policy_params}
-        if cfg.ppo.has_value_model:
-            params["value"] = init_params(cfg.model, value_key, "scalar") if value_params is None else value_params
-        return params
+    def make(index, seed):
+        def init(key):
+            policy_key, value_key = jax.random.split(key)
+            params = {"policy": init_params(cfg.model, policy_key, "lm") if policy_params is None
+                      else jax.tree.map(jnp.array, policy_params)}
+            if cfg.ppo.has_value_model:
+                params["value"] = (init_params(cfg.model, value_key, "scalar") if value_params is None
+                                   else jax.tree.map(jnp.array, value_params(seed)))
+            return params
 
-    return make_init_fn(init, make_ppo_optimizer(cfg), cfg.train.seed)
+        return make_init_fn(init, make_ppo_optimizer(cfg), seed)
+
+    return population_lib.Population(cfg).map_init(make)
+
+
+def make_run_init_fn(cfg: RunConfig):
+    """The init (for its shapes) of any run's state: an RLHF run's (`ppo.policy` set) or a stage's."""
+    return make_ppo_init_fn(cfg) if cfg.ppo.policy else make_stage_init_fn(cfg)
 
 
 def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
@@ -123,8 +135,7 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict
         raise UserError(f"{run_dir} holds a population of {population_lib.Population(cfg).size} replicas; "
                         f"`genai-jax extract --run {run_dir} --replica I --run-dir OUT` writes one as a run")
     tokenizer = load_tokenizer(run_dir)
-    init_fn = make_ppo_init_fn(cfg) if cfg.ppo.policy else make_stage_init_fn(cfg)
-    state, _ = restore_latest(run_dir, init_fn)
+    state, _ = restore_latest(run_dir, make_run_init_fn(cfg))
     return cfg, tokenizer, state.params["policy"] if cfg.ppo.policy else state.params
 
 
@@ -157,23 +168,22 @@ def extract(run_dir: str | os.PathLike, index: int, out: str | os.PathLike) -> N
     population = population_lib.Population(cfg)
     if not population.stacked:
         raise UserError(f"{run_dir} holds no population (train.population=1, no population axes)")
-    if cfg.ppo.policy:
-        raise UserError(f"{run_dir}: RL runs hold no population")
     if not 0 <= index < population.size:
         raise UserError(f"--replica {index}: {run_dir} holds replicas 0 to {population.size - 1}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --run-dir")
-    state, data_state = restore_latest(run_dir, make_stage_init_fn(cfg))
+    state, data_state = restore_latest(run_dir, make_run_init_fn(cfg))
     replica_cfg = population_lib.replica_config(cfg, population.replicas[index])
     rundir.write_config(out, replica_cfg)
     load_tokenizer(run_dir).save(out)
     checkpointer = Checkpointer(out / "checkpoints")
-    checkpointer.save(int(state.step[index]), population_lib.take(state, index), data_state["replicas"][index])
+    checkpointer.save(int(state.step[index]), population_lib.take(state, index),
+                      population_lib.replica_part(data_state, index))
     checkpointer.wait()
     checkpointer.close()
     records = population_lib.replica_records(rundir.read_metrics(run_dir), index)
     (out / rundir.METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
     for path in run_dir.glob("*.json"):  # per-replica results (a reward model's normalisation)
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and set(data) == {"replicas"}:
-            (out / path.name).write_text(json.dumps(data["replicas"][index], indent=2))
+        if path.name != rundir.CONFIG_FILE:
+            data = json.loads(path.read_text())
+            (out / path.name).write_text(json.dumps(population_lib.replica_part(data, index), indent=2))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_error, cases, cli_flags, run_cli, snapshot, tiny_run
 
-from genai_jax import config, population, rundir, runs, stages
+from genai_jax import config, population, rlhf, rundir, runs, stages
 from genai_jax.config import UserError
 from genai_jax.evaluation import gold_eval
 from genai_jax.parallel import check_fits
@@ -240,6 +240,45 @@ def test_reward_replica_equals_a_standalone_run(tmp_path, base_run):
 
 
 # ---------------------------------------------------------------------------------------------
+# The RL stage: each replica its own prompt order, rollouts, beta and value head
+
+TIMINGS = ("generate_s", "experience_s", "train_s", "generate_tokens_per_s", "host_peak_mib")
+
+
+def without_timings(log: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    return {step: {n: v for n, v in metrics.items() if n not in TIMINGS} for step, metrics in log.items()}
+
+
+def test_ppo_replica_equals_a_standalone_run(tmp_path, capsys, base_run):
+    stages.sft(sft_config(base_run, max_steps=2), tmp_path / "sft")
+    cfg = config.replace(
+        config.preset("tiny", "ppo"), model=SMALL, data=dict(world_chats=64),
+        ppo=dict(policy=str(tmp_path / "sft"), reward="gold", epochs=2, minibatches=2, gold_prompts=16,
+                 max_new_tokens=8),
+        train=dict(batch_size=8, max_steps=2, eval_every=2, ckpt_every=2, progress=False, population=2, **SINGLE),
+        population=config.PopulationConfig((("ppo.kl_coef", (0.1, 0.3)), ("ppo.clip_ratio", (0.15,)))),
+    )
+    rlhf.ppo(cfg, tmp_path / "population")
+    # replica 3: kl_coef 0.3 (the second value), clip_ratio 0.15, seed and prompt order 1
+    alone = config.replace(standalone(cfg, 3), ppo=dict(kl_coef=0.3, clip_ratio=0.15))
+    rlhf.ppo(alone, tmp_path / "alone")
+    for kind in ("proxy_reward", "val_gold_score"):
+        assert_same_log(without_timings(replica_log(tmp_path / "population", 3, kind)),
+                        without_timings(standalone_log(tmp_path / "alone", kind)))
+    assert replica_log(tmp_path / "population", 1)[2]["beta"] == 0.1
+    losses = [replica_log(tmp_path / "population", k, "proxy_reward")[1]["loss"] for k in (0, 1)]
+    assert losses[0] != losses[1]  # seeds 0 and 1: their own prompts, rollouts and value heads
+
+    assert run_cli(capsys, "extract", "--run", tmp_path / "population", "--replica", 3, "--run-dir",
+                   tmp_path / "three")[0] == 0
+    extracted_cfg, _, extracted = runs.load_trained(tmp_path / "three")
+    assert extracted_cfg.ppo.kl_coef == 0.3 and extracted_cfg.ppo.clip_ratio == 0.15 and extracted_cfg.train.seed == 1
+    _, _, policy = runs.load_trained(tmp_path / "alone")
+    for a, b in zip(jax.tree.leaves(extracted), jax.tree.leaves(policy)):
+        np.testing.assert_allclose(a, b, **TOLERANCE)
+
+
+# ---------------------------------------------------------------------------------------------
 # Refusals: one line each, nothing written
 
 
@@ -257,10 +296,16 @@ def test_bad_populations_are_refused_in_one_line(tmp_path, capsys, flags, needle
     assert not (tmp_path / "run").exists()
 
 
-def test_the_rl_stage_refuses_a_population(tmp_path, capsys):
+@pytest.mark.parametrize("flags, needles", [
+    (["--train.strategy", "mesh"], ["the ppo stage runs under train.strategy=single"]),
+    (["--train.strategy", "single", "--ppo.algorithm", "grpo", "--ppo.group-size", "2",
+      "--population.ppo.kl-coef", "0,0.1"],
+     ["--population.ppo.kl_coef", "grpo"]),
+])
+def test_the_rl_stage_refuses_what_its_population_cannot_vary(tmp_path, capsys, flags, needles):
     code, _, err = run_cli(capsys, "ppo", "--policy", tmp_path, "--reward", "gold", "--run-dir", tmp_path / "run",
-                           "--train.population", "2")
-    assert_one_error(code, err, "RL stage", "train.population")
+                           "--train.population", "2", *flags)
+    assert_one_error(code, err, *needles)
 
 
 def test_commands_refuse_a_population_run_and_extract_an_unknown_replica(tmp_path, capsys, pretrain_population):
