@@ -232,8 +232,8 @@ class Mesh:
     def state_sharding(self, abstract_state):
         if self.population is None:
             return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, self.fsdp)), abstract_state)
-        return jax.tree.map(lambda x: NamedSharding(self.mesh, P(self.replica_axis, *fsdp_spec(x.shape[1:], self.fsdp))),
-                            abstract_state)
+        return jax.tree.map(
+            lambda x: NamedSharding(self.mesh, P(self.replica_axis, *fsdp_spec(x.shape[1:], self.fsdp))), abstract_state)
 
     def place_state(self, state):
         if jax.process_count() > 1:  # arrays on one local device cannot move to other hosts: via numpy

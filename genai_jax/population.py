@@ -242,7 +242,8 @@ class Population:
         parts = [self.split(metrics) for metrics in host_metrics]
         return [summary([batch[k][1] for batch in parts]) for k in range(self.size)]
 
-    def records(self, step: int, host_metrics: list[dict], extra: Callable[[Replica], dict] = lambda r: {}) -> list[dict]:
+    def records(self, step: int, host_metrics: list[dict],
+                extra: Callable[[Replica], dict] = lambda r: {}) -> list[dict]:
         """Log records of host metrics (`summaries`) and `extra(replica)`, as `log` makes them."""
         return self.log(step, self.summaries(host_metrics), extra)
 

@@ -103,8 +103,9 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     eval_fn = strategy.compile_eval(eval_step, abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:
-        writer.write({"step": 0, "n_params": count_params(abstract_state.params) // population.size,
-                      "n_params_non_embedding": count_params(abstract_state.params, embeddings=False) // population.size,
+        size = population.size  # the counts are one replica's
+        writer.write({"step": 0, "n_params": count_params(abstract_state.params) // size,
+                      "n_params_non_embedding": count_params(abstract_state.params, embeddings=False) // size,
                       **({"replicas": population.size} if population.stacked else {}),
                       **peak_record("step_memory_mib", memory), **(summary or {})})
     try:  # closed on preemption too, so TensorBoard gets every record

@@ -29,10 +29,14 @@ def with_train(cfg: config.RunConfig, **train) -> config.RunConfig:
     return config.replace(cfg, train=train)
 
 
+# Differ between any two runs: throughput, PPO's rollout phases, host memory.
+TIMINGS = ("tokens_per_s", "generate_s", "experience_s", "train_s", "generate_tokens_per_s", "host_peak_mib")
+
+
 def logged(records: list[dict], kind: str) -> dict[int, dict[str, float]]:
-    """{step: metrics} of the train (`loss`) or eval (`val_loss`) records, without throughput and tags."""
-    return {r["step"]: {name: value for name, value in r.items()
-                        if name not in ("step", "tokens_per_s", *population.TAGS)}
+    """{step: metrics} of the records holding `kind` (`loss`: train, `val_loss`: eval, ...),
+    without timings and tags."""
+    return {r["step"]: {name: value for name, value in r.items() if name not in ("step", *TIMINGS, *population.TAGS)}
             for r in records if kind in r}
 
 
@@ -50,6 +54,15 @@ def assert_same_log(replica: dict, standalone: dict) -> None:
         assert replica[step].keys() == standalone[step].keys(), step
         for name, value in standalone[step].items():
             np.testing.assert_allclose(replica[step][name], value, **TOLERANCE, err_msg=f"step {step}: {name}")
+
+
+def assert_replica_is_the_standalone_run(runner, cfg: config.RunConfig, run_dir, index: int, alone_dir,
+                                         kinds=("loss", "val_loss"), alone: config.RunConfig | None = None) -> None:
+    """Run replica `index`'s ordinary run (`standalone`, or `alone`) with `runner` into `alone_dir`
+    and compare each kind of record it logs (train, eval, ...) with the replica's."""
+    runner(alone or standalone(cfg, index), alone_dir)
+    for kind in kinds:
+        assert_same_log(replica_log(run_dir, index, kind), standalone_log(alone_dir, kind))
 
 
 def standalone(cfg: config.RunConfig, index: int) -> config.RunConfig:
@@ -71,9 +84,7 @@ def pretrain_population(tmp_path_factory):
 
 def test_pretrain_replica_equals_a_standalone_run(tmp_path, pretrain_population):
     cfg, run_dir = pretrain_population
-    stages.pretrain(standalone(cfg, 2), tmp_path / "alone")
-    assert_same_log(replica_log(run_dir, 2), standalone_log(tmp_path / "alone"))
-    assert_same_log(replica_log(run_dir, 2, "val_loss"), standalone_log(tmp_path / "alone", "val_loss"))
+    assert_replica_is_the_standalone_run(stages.pretrain, cfg, run_dir, 2, tmp_path / "alone")
 
 
 def test_replicas_differ_and_the_population_logs_their_mean_and_std(pretrain_population):
@@ -114,8 +125,8 @@ def test_learning_rate_axis_replica_equals_a_standalone_run_with_that_rate(tmp_p
     stages.pretrain(cfg, tmp_path / "population")
     # replica 1: lr 6e-3, the whole schedule scaled by 6e-3 / optim.lr (min_lr too), seed and data order 0
     alone = config.replace(standalone(cfg, 1), optim=dict(lr=6e-3, min_lr=cfg.optim.min_lr * 6e-3 / cfg.optim.lr))
-    stages.pretrain(alone, tmp_path / "alone")
-    assert_same_log(replica_log(tmp_path / "population", 1), standalone_log(tmp_path / "alone"))
+    assert_replica_is_the_standalone_run(stages.pretrain, cfg, tmp_path / "population", 1, tmp_path / "alone",
+                                         ("loss",), alone)
     hyper = [r["hyperparameters"] for r in rundir.read_metrics(tmp_path / "population") if r.get("replica") == 1]
     assert hyper[0] == {"optim.lr": 6e-3}
     lrs = [replica_log(tmp_path / "population", k)[4]["lr"] for k in (0, 1)]
@@ -177,9 +188,7 @@ def sft_population(tmp_path_factory, base_run):
 
 def test_sft_replica_equals_a_standalone_run(tmp_path, sft_population):
     cfg, run_dir = sft_population
-    stages.sft(standalone(cfg, 1), tmp_path / "alone")
-    assert_same_log(replica_log(run_dir, 1), standalone_log(tmp_path / "alone"))
-    assert_same_log(replica_log(run_dir, 1, "val_loss"), standalone_log(tmp_path / "alone", "val_loss"))
+    assert_replica_is_the_standalone_run(stages.sft, cfg, run_dir, 1, tmp_path / "alone")
     assert replica_log(run_dir, 0)[4]["loss"] != replica_log(run_dir, 1)[4]["loss"]
 
 
@@ -215,8 +224,8 @@ def test_sft_replica_i_starts_from_replica_i_of_a_pretraining_population(tmp_pat
     assert run_cli(capsys, "extract", "--run", tmp_path / "base", "--replica", 1, "--run-dir", tmp_path / "base1")[0] == 0
     cfg = sft_config(tmp_path / "base", population=2)
     stages.sft(cfg, tmp_path / "population")
-    stages.sft(config.replace(standalone(cfg, 1), train=dict(init_from=str(tmp_path / "base1"))), tmp_path / "alone")
-    assert_same_log(replica_log(tmp_path / "population", 1), standalone_log(tmp_path / "alone"))
+    assert_replica_is_the_standalone_run(stages.sft, cfg, tmp_path / "population", 1, tmp_path / "alone", ("loss",),
+                                         config.replace(standalone(cfg, 1), train=dict(init_from=str(tmp_path / "base1"))))
     with pytest.raises(UserError, match="population of 2 replicas and this run's has 3"):
         stages.sft(sft_config(tmp_path / "base", population=3), tmp_path / "three")
     assert not (tmp_path / "three").exists()
@@ -231,23 +240,15 @@ def test_reward_replica_equals_a_standalone_run(tmp_path, base_run):
                    progress=False, init_from=str(tmp_path / "sft"), population=2, **SINGLE),
     )
     stages.reward(cfg, tmp_path / "population")
-    stages.reward(standalone(cfg, 1), tmp_path / "alone")
-    assert_same_log(replica_log(tmp_path / "population", 1), standalone_log(tmp_path / "alone"))
-    for kind in ("val_loss", "gain"):  # held-out loss, and the normalisation fitted afterwards
-        assert_same_log(replica_log(tmp_path / "population", 1, kind), standalone_log(tmp_path / "alone", kind))
+    # train and held-out losses, and the normalisation fitted afterwards
+    assert_replica_is_the_standalone_run(stages.reward, cfg, tmp_path / "population", 1, tmp_path / "alone",
+                                         ("loss", "val_loss", "gain"))
     normalizations = json.loads((tmp_path / "population" / "reward_normalization.json").read_text())["replicas"]
     assert normalizations[0] != normalizations[1]
 
 
 # ---------------------------------------------------------------------------------------------
 # The RL stage: each replica its own prompt order, rollouts, beta and value head
-
-TIMINGS = ("generate_s", "experience_s", "train_s", "generate_tokens_per_s", "host_peak_mib")
-
-
-def without_timings(log: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
-    return {step: {n: v for n, v in metrics.items() if n not in TIMINGS} for step, metrics in log.items()}
-
 
 def test_ppo_replica_equals_a_standalone_run(tmp_path, capsys, base_run):
     stages.sft(sft_config(base_run, max_steps=2), tmp_path / "sft")
@@ -260,11 +261,9 @@ def test_ppo_replica_equals_a_standalone_run(tmp_path, capsys, base_run):
     )
     rlhf.ppo(cfg, tmp_path / "population")
     # replica 3: kl_coef 0.3 (the second value), clip_ratio 0.15, seed and prompt order 1
-    alone = config.replace(standalone(cfg, 3), ppo=dict(kl_coef=0.3, clip_ratio=0.15))
-    rlhf.ppo(alone, tmp_path / "alone")
-    for kind in ("proxy_reward", "val_gold_score"):
-        assert_same_log(without_timings(replica_log(tmp_path / "population", 3, kind)),
-                        without_timings(standalone_log(tmp_path / "alone", kind)))
+    assert_replica_is_the_standalone_run(rlhf.ppo, cfg, tmp_path / "population", 3, tmp_path / "alone",
+                                         ("proxy_reward", "val_gold_score"),
+                                         config.replace(standalone(cfg, 3), ppo=dict(kl_coef=0.3, clip_ratio=0.15)))
     assert replica_log(tmp_path / "population", 1)[2]["beta"] == 0.1
     losses = [replica_log(tmp_path / "population", k, "proxy_reward")[1]["loss"] for k in (0, 1)]
     assert losses[0] != losses[1]  # seeds 0 and 1: their own prompts, rollouts and value heads
