@@ -632,18 +632,13 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         policies = host_copy(strategy.state_to_host(state).params["policy"])
         return [evaluate_policy(cfg, policy, tokenizer, text) for _, policy in population.split(policies)]
 
-    def write(records: list[dict]) -> dict:
-        for record in records:
-            writer.write(record)
-        return records[0]  # an ordinary run's record, a population's mean
-
     writer = rundir.MetricsWriter(run_dir, iteration)
     if iteration == 0:
         writer.write({"step": 0, "n_params": count_params(abstract_state.params) // population.size,
                       **({"replicas": population.size} if population.stacked else {}),
                       "prompts": len(prompts.tokens), "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,
                       **peak_record("step_memory_mib", memory), **rollout_memory})
-        write(population.log(0, evaluations()))
+        writer.write_all(population.log(0, evaluations()))
     show = cfg.train.progress and jax.process_index() == 0
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)
 
@@ -677,13 +672,13 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                     betas = [adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon,
                                                 rollouts_per_iteration(cfg))
                              for beta, record in zip(betas, per_replica)]
-                shown = write(population.log(iteration, per_replica))
+                shown = writer.write_all(population.log(iteration, per_replica))
                 bar.update(1)
                 bar.set_postfix(score=f"{shown['score']:.3f}", kl=f"{shown['kl']:.3f}")
                 if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
                     evaluated = evaluations()
                     if evaluated[0]:
-                        shown = write(population.log(iteration, evaluated))
+                        shown = writer.write_all(population.log(iteration, evaluated))
                     if evaluated[0] and jax.process_index() == 0:
                         bar.write(f"iteration {iteration}: held-out gold {100 * shown['val_gold_score']:.1f}/100")
                 saved = iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps

@@ -117,6 +117,12 @@ class MetricsWriter:
             if name not in ("step", "replica", "seed") and isinstance(value, (int, float)):
                 self.tensorboards[run].add_scalar(name, value, record["step"])
 
+    def write_all(self, records: list[dict]) -> dict:
+        """Write every record; returns the first (an ordinary run's only one, a population's mean)."""
+        for record in records:
+            self.write(record)
+        return records[0]
+
     def flush(self) -> None:
         """Every record so far into the log (local records are there already)."""
         if self.enabled and self.remote:

@@ -281,10 +281,8 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
             [{name: result[name] for name in ("gain", "bias")} for result in results]))
         records = population.log(cfg.train.max_steps, results)
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-        for line in records:
-            writer.write(line)
+        record = writer.write_all(records)
         writer.close()
-        record = records[0]
     sync_processes("reward: normalised")  # a later stage of this launch (the pipeline's ppo) reads it
     return record
 
@@ -335,8 +333,8 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
         results = [evaluated(*replica_params) for replica_params in population.split(params)]
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-        for line in population.log(cfg.train.max_steps, results, lambda replica: {"host_peak_mib": host_peak_mib()}):
-            writer.write(line)
+        writer.write_all(population.log(cfg.train.max_steps, results,
+                                        lambda replica: {"host_peak_mib": host_peak_mib()}))
         writer.close()
     sync_processes("dpo: evaluated")
     return final_record(run_dir)

@@ -177,9 +177,8 @@ def make_eval_step(objective: Callable, reduce: Reduction = Reduction()):
 def evaluate(eval_fn: Callable, state, batches: list[dict], strategy, rng: jax.Array) -> list[dict]:
     """The eval metrics of each fixed batch on the host, prefixed `val_` (equal-weight batches:
     `metrics.summary` averages them)."""
-    return [{f"val_{name}": value for name, value in strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch),
-                                                                                        rng)).items()}
-            for batch in batches]
+    host = [strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch), rng)) for batch in batches]
+    return [{f"val_{name}": value for name, value in metrics.items()} for metrics in host]
 
 
 def fit(
@@ -218,13 +217,8 @@ def fit(
         checkpointer.save(step, strategy.state_to_host(state), train_iter.get_state())
         writer.flush()
 
-    def write(records: list[dict]) -> dict:
-        for record in records:
-            writer.write(record)
-        return records[0]  # an ordinary run's record, a population's mean
-
     if step == 0 and val_batches:  # the starting point, for fine-tuning stages above all
-        write(population.records(0, evaluate(eval_fn, state, val_batches, strategy, base_rng)))
+        writer.write_all(population.records(0, evaluate(eval_fn, state, val_batches, strategy, base_rng)))
     with PreemptionGuard() as guard:
         try:
             while step < cfg.max_steps:
@@ -237,12 +231,13 @@ def fit(
                     tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step
                     lr = float(lr_fn(step - 1))
-                    shown = write(population.records(
+                    shown = writer.write_all(population.records(
                         step, [strategy.metrics_to_host(metrics)],
                         lambda replica: {"lr": lr * population.lr_scale(replica), "tokens_per_s": tokens_per_s}))
                     bar.set_postfix(loss=f"{shown['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 if val_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    record = write(population.records(step, evaluate(eval_fn, state, val_batches, strategy, base_rng)))
+                    evaluated = evaluate(eval_fn, state, val_batches, strategy, base_rng)
+                    record = writer.write_all(population.records(step, evaluated))
                     if show:
                         bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
                     tick = time.perf_counter()

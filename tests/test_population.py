@@ -73,13 +73,18 @@ def standalone(cfg: config.RunConfig, index: int) -> config.RunConfig:
                           population=config.PopulationConfig())
 
 
+def trained(tmp_path_factory, runner, cfg: config.RunConfig, name: str):
+    """(cfg, run directory) of `runner(cfg)` in a new directory; read-only for the tests sharing it."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    runner(cfg, run_dir)
+    return cfg, run_dir
+
+
 @pytest.fixture(scope="module")
 def pretrain_population(tmp_path_factory):
     """A tiny pretraining population of 3 (seeds 0, 1, 2), dropout on, evaluated at steps 0, 2, 4."""
-    cfg = with_train(pretrain_config(), population=3, eval_every=2)
-    run_dir = tmp_path_factory.mktemp("population") / "run"
-    stages.pretrain(cfg, run_dir)
-    return cfg, run_dir
+    return trained(tmp_path_factory, stages.pretrain, with_train(pretrain_config(), population=3, eval_every=2),
+                   "population")
 
 
 def test_pretrain_replica_equals_a_standalone_run(tmp_path, pretrain_population):
@@ -180,10 +185,7 @@ def sft_config(base_run, **train) -> config.RunConfig:
 
 @pytest.fixture(scope="module")
 def sft_population(tmp_path_factory, base_run):
-    cfg = sft_config(base_run, population=2)
-    run_dir = tmp_path_factory.mktemp("sft") / "run"
-    stages.sft(cfg, run_dir)
-    return cfg, run_dir
+    return trained(tmp_path_factory, stages.sft, sft_config(base_run, population=2), "sft")
 
 
 def test_sft_replica_equals_a_standalone_run(tmp_path, sft_population):
