@@ -13,6 +13,7 @@
     genai-jax chat --run DIR
     genai-jax import-hf --from HF_MODEL_FOLDER --run-dir DIR   (a Hugging Face checkpoint as a run)
     genai-jax export-hf --run DIR --out FOLDER [--adapter-only] (a run's policy for transformers; PEFT adapters)
+    genai-jax extract --run POPULATION_RUN --replica I --run-dir OUT   (one replica as a run)
 
 The preset supplies the defaults and tyro maps the remaining flags onto the frozen config
 dataclasses. This module is the only place that wires stages together.
@@ -38,7 +39,7 @@ from etils import epath
 
 from genai_jax import distributed, overrides, rundir
 from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, LoRAConfig, ModelConfig, ObjectiveConfig, OptimConfig,
-                              PPOConfig, RunConfig, TrainConfig, UserError, preset)
+                              PopulationConfig, PPOConfig, RunConfig, TrainConfig, UserError, preset)
 from genai_jax.distributed import say
 
 FINE_TUNING_STAGES = ("sft", "reward", "dpo")
@@ -186,6 +187,19 @@ class ExportHFArgs:
 
 
 @dataclass(frozen=True)
+class ExtractArgs:
+    """Write one replica of a population run as the ordinary run it equals (its config, latest
+    checkpoint, records): every command that takes a run directory then takes it."""
+
+    run: str
+    """The population run directory."""
+    replica: int
+    """The replica's index (its records' `replica`)."""
+    run_dir: str
+    """The run directory to create (must be new or empty)."""
+
+
+@dataclass(frozen=True)
 class PipelineArgs:
     """pretrain -> sft -> reward -> ppo on one preset into one directory; finished stages are
     skipped, an unfinished one resumes; ends with a summary table (summary.json).
@@ -204,7 +218,9 @@ class PipelineArgs:
 
 
 def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
-    """(config, run_dir) from `--preset NAME` defaults for `stage`, overridden by the other flags."""
+    """(config, run_dir) from `--preset NAME` defaults for `stage`, overridden by the other flags
+    (`--population.SECTION.FIELD v1,v2,...` fill `population.axes`)."""
+    argv, axes = overrides.parse_population_flags(argv)
     name = _preset_name(argv)
     base = preset(name, stage)
     init_run = _flag_value(argv, "--init-from") if stage in FINE_TUNING_STAGES else ""
@@ -217,7 +233,8 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
         raise UserError("--preset was given twice with different values")
     if stage != "ppo" and (args.policy or args.reward):
         raise UserError(f"--policy and --reward belong to `genai-jax ppo`, not `genai-jax {stage}`")
-    return args.run_config(), args.run_dir or f"runs/{name}-{stage}"
+    cfg = dataclasses.replace(args.run_config(), population=PopulationConfig(axes))
+    return cfg, args.run_dir or f"runs/{name}-{stage}"
 
 
 def cmd_pretrain(argv: list[str]) -> None:
@@ -380,6 +397,14 @@ def cmd_export_hf(argv: list[str]) -> None:
     hf.export_hf(args.run, args.out, adapter_only=args.adapter_only)
 
 
+def cmd_extract(argv: list[str]) -> None:
+    from genai_jax import runs
+
+    args = tyro.cli(ExtractArgs, args=argv, prog="genai-jax extract")
+    runs.extract(args.run, args.replica, args.run_dir)
+    say(f"wrote replica {args.replica} of {args.run} to {args.run_dir}")
+
+
 def cmd_sweep(argv: list[str]) -> None:
     from genai_jax import sweeps
 
@@ -411,6 +436,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "chat": cmd_chat,
     "import-hf": cmd_import_hf,
     "export-hf": cmd_export_hf,
+    "extract": cmd_extract,
     "sweep": cmd_sweep,
 }
 

@@ -131,10 +131,17 @@ class DataConfig:
     skip_malformed: bool = False
     """JSONL: skip and count malformed lines instead of stopping at the first."""
     seed: int = 0
+    shuffle_seed: int = -1
+    """The seed of the training data's order (pretrain, sft, reward, dpo); -1 means data.seed. A
+    population's replica k shuffles with this + k (docs/population.md)."""
 
     @property
     def resolved_source(self) -> str:
         return "text" if self.path else self.source
+
+    @property
+    def order_seed(self) -> int:
+        return self.seed if self.shuffle_seed < 0 else self.shuffle_seed
 
 
 @dataclass(frozen=True)
@@ -285,6 +292,21 @@ class TrainConfig:
     init_from: str = ""
     """Run directory whose latest checkpoint initialises this stage (SFT: a pretraining run)."""
     progress: bool = True
+    population: int = 1
+    """Replicas trained together by one compiled step (`jax.vmap` of the step), replica k with
+    train.seed + k and its own data order; crossed with any `population` hyperparameter values."""
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    """A population's hyperparameter axes (`--population.SECTION.FIELD v1,v2,...`): each
+    `(field, values)` pair varies a number the train step reads; the replicas are every
+    combination of the values, each with `train.population` seeds (docs/population.md)."""
+
+    axes: tuple[tuple[str, tuple[float, ...]], ...] = ()
+
+    def __post_init__(self):  # config.json holds lists; a config must stay hashable
+        object.__setattr__(self, "axes", tuple((name, tuple(values)) for name, values in self.axes))
 
 
 @dataclass(frozen=True)
@@ -297,6 +319,7 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
 
 
 def replace(cfg, **sections):
@@ -318,7 +341,7 @@ def from_dict(data: dict, where: str = "config") -> RunConfig:
     for section in dataclasses.fields(RunConfig):
         cls = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
                "objective": ObjectiveConfig, "ppo": PPOConfig, "dpo": DPOConfig,
-               "lora": LoRAConfig}[section.name]
+               "lora": LoRAConfig, "population": PopulationConfig}[section.name]
         values = data.get(section.name, {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

@@ -204,3 +204,30 @@ def parse_pipeline_flags(argv: list[str]) -> tuple[list[str], dict[str, dict[str
         if sections:
             merged[stage] = sections
     return rest, merged
+
+
+def parse_population_flags(argv: list[str]) -> tuple[list[str], tuple[tuple[str, tuple[float, ...]], ...]]:
+    """(the other arguments, the `population.axes`) of a stage command line: each
+    `--population.SECTION.FIELD v1,v2,...` is taken out, its field named and its values read as
+    numbers; which fields a population may vary is the stage's check (`population.check`)."""
+    rest: list[str] = []
+    axes = []
+    i = 0
+    while i < len(argv):
+        name, equals, inline = argv[i][2:].partition("=")
+        if not argv[i].startswith("--population."):
+            rest.append(argv[i])
+            i += 1
+            continue
+        parts = name.split(".")
+        found = config_field(parts[1], parts[2]) if len(parts) == 3 else None
+        if found is None:
+            raise UserError(f"--{name}: not a config field (--population.SECTION.FIELD v1,v2,...)")
+        text = inline if equals else (argv[i + 1] if i + 1 < len(argv) else "")
+        i += 1 if equals else 2
+        if found.type not in (int, float) or not text:
+            raise UserError(f"--{name}: a population varies numbers; give {found.section}.{found.name} comma-separated "
+                            "numbers")
+        field = Field(found.section, found.name, float)
+        axes.append((f"{found.section}.{found.name}", tuple(convert(value, field, name) for value in text.split(","))))
+    return rest, tuple(axes)

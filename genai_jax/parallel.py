@@ -77,10 +77,11 @@ def host_peak_mib() -> float:
 
 
 def check_fits(memory: dict[str, float] | None, device, program: str = "the train step",
-               advice: str = TRAIN_STEP_ADVICE) -> None:
+               advice: str | Callable[[float, float], str] = TRAIN_STEP_ADVICE) -> None:
     """Refuse a compiled program needing more than `device`'s free memory before it first runs (XLA
     on GPU compiles one anyway and fails at its first allocation; the TPU compiler refuses it
-    itself). The arguments are on the device already; backends without memory stats (CPU) pass."""
+    itself). The arguments are on the device already; backends without memory stats (CPU) pass.
+    `advice` may be a function of the MiB needed and free (a population's says how many fit)."""
     stats = device.memory_stats()
     if memory is None or not stats or "bytes_limit" not in stats:
         return
@@ -89,11 +90,12 @@ def check_fits(memory: dict[str, float] | None, device, program: str = "the trai
     if needed > free:
         raise UserError(
             f"{program} needs {needed:,.0f} MiB more per device than the {free:,.0f} MiB free on "
-            f"{device.device_kind}; {advice}"
+            f"{device.device_kind}; {advice(needed, free) if callable(advice) else advice}"
         )
 
 
-def report_memory(compiled, program: str, advice: str = TRAIN_STEP_ADVICE) -> dict[str, float] | None:
+def report_memory(compiled, program: str, advice: str | Callable[[float, float], str] = TRAIN_STEP_ADVICE
+                  ) -> dict[str, float] | None:
     """`compiled`'s memory per device (`memory_mib`), printed once as "PROGRAM memory per device:
     ..."; refused, with `advice`, if it cannot fit the first local device (`check_fits`)."""
     memory = memory_mib(compiled)
@@ -103,16 +105,24 @@ def report_memory(compiled, program: str, advice: str = TRAIN_STEP_ADVICE) -> di
     return memory
 
 
-def compile_step(strategy, train_step: Callable, abstract_state, example: tuple, program: str = "train step"):
+def compile_step(strategy, train_step: Callable, abstract_state, example: tuple, program: str = "train step",
+                 advice: str | Callable[[float, float], str] = TRAIN_STEP_ADVICE):
     """(`train_step` compiled by `strategy` ahead of time for `example` arguments, its memory per
-    device or None): refused if it cannot fit the device, its memory printed (`report_memory`)."""
+    device or None): refused, with `advice`, if it cannot fit the device, its memory printed
+    (`report_memory`)."""
     compiled = strategy.compile(train_step, abstract_state, example=example)
-    return compiled, report_memory(compiled, program)
+    return compiled, report_memory(compiled, program, advice)
 
 
 def to_host(tree) -> Any:
-    """Numpy copies of (possibly sharded, possibly multi-process) replicated arrays."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+    """Numpy copies of arrays on this process's devices (a population's state may be split over
+    them), or of replicated arrays spanning several processes (their local copy)."""
+    def copy(x):
+        if not isinstance(x, jax.Array):
+            return x
+        return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+    return jax.tree.map(copy, tree)
 
 
 def host_copy(tree) -> Any:
@@ -185,13 +195,17 @@ class Mesh:
     The batch is split over both axes; parameters and optimizer state over `fsdp` (see
     `fsdp_spec`). Batches are built from each process's rows with
     `jax.make_array_from_process_local_data`, so multi-host runs feed local data only.
+
+    A population of `population` replicas (states and batches with a leading replica axis) puts
+    that axis over `data` when it divides the replicas, each replica's rows then over `fsdp`;
+    otherwise the replicas stay whole on every device and the rows split as without one.
     """
 
     name = "mesh"
     reduce = Reduction()
     num_shards = 1
 
-    def __init__(self, data: int = -1, fsdp: int = 1):
+    def __init__(self, data: int = -1, fsdp: int = 1, population: int | None = None):
         n = jax.device_count()
         if fsdp < 1 or n % fsdp:
             raise UserError(f"train.mesh_fsdp={fsdp} does not divide the {n} devices")
@@ -199,18 +213,27 @@ class Mesh:
             data = n // fsdp
         if data * fsdp != n:
             raise UserError(f"train.mesh_data={data} x train.mesh_fsdp={fsdp} != {n} devices")
+        if population is not None and jax.process_count() > 1:
+            raise UserError("a population runs on one process's devices for now (train.population, --population.*)")
         self.mesh = jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
         self.fsdp = fsdp
-        self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+        self.population = population
+        self.replica_axis = "data" if population is not None and population % data == 0 else None
+        rows = "fsdp" if self.replica_axis else ("data", "fsdp")
+        self.batch_sharding = NamedSharding(self.mesh, P(rows) if population is None else P(self.replica_axis, rows))
         self.replicated = NamedSharding(self.mesh, P())
 
     @property
     def batch_divisor(self) -> int:
-        """A process's rows must split evenly over its own devices."""
-        return jax.local_device_count()
+        """A process's rows (of each replica) must split evenly over its own devices (its fsdp
+        axis, when replicas split over data)."""
+        return self.fsdp if self.replica_axis else jax.local_device_count()
 
     def state_sharding(self, abstract_state):
-        return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, self.fsdp)), abstract_state)
+        if self.population is None:
+            return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, self.fsdp)), abstract_state)
+        return jax.tree.map(
+            lambda x: NamedSharding(self.mesh, P(self.replica_axis, *fsdp_spec(x.shape[1:], self.fsdp))), abstract_state)
 
     def place_state(self, state):
         if jax.process_count() > 1:  # arrays on one local device cannot move to other hosts: via numpy
@@ -313,7 +336,9 @@ class Pmap:
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), metrics)
 
 
-def make_strategy(cfg: TrainConfig):
+def make_strategy(cfg: TrainConfig, population: int | None = None):
+    """The strategy of `cfg.strategy`; `population`: the replicas of a population's stacked
+    states and batches (under `mesh`, where they go on the mesh), None without one."""
     if cfg.strategy != "mesh" and jax.process_count() > 1:
         raise UserError(f"train.strategy={cfg.strategy} runs on one process's devices; with "
                         f"{jax.process_count()} processes use train.strategy=mesh")
@@ -321,5 +346,5 @@ def make_strategy(cfg: TrainConfig):
         return Single()
     if cfg.strategy == "pmap":
         return Pmap()
-    return Mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    return Mesh(cfg.mesh_data, cfg.mesh_fsdp, population)
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from genai_jax import config as config_lib
 from genai_jax import lora
+from genai_jax import population as population_lib
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
@@ -44,7 +45,6 @@ from genai_jax.config import RunConfig, UserError
 from genai_jax.data import loader, sources, world
 from genai_jax.data.conversations import prompt_line, read_prompts_jsonl
 from genai_jax.evaluation import bucketed_len, left_pad, policy_gold
-from genai_jax.metrics import summary
 from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.objectives.critic_free import group_advantages, leave_one_out_advantages, make_critic_free_objective
@@ -216,10 +216,11 @@ def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
 
 
 def load_models(cfg: RunConfig):
-    """(config with the policy's model, tokenizer, SFT params, value model's initial params, reward
-    params, normalisation), refusing runs that cannot work together. With `ppo.reward=gold` there
-    is no reward model (None, None) and the value model starts from the SFT trunk; an algorithm
-    without a value model gets None for it."""
+    """(config with the policy's model, tokenizer, SFT params, value model's initial params as a
+    function of the replica's seed, reward params, normalisation), refusing runs that cannot work
+    together. With `ppo.reward=gold` there is no reward model (None, None) and the value model
+    starts from the SFT trunk with a head of its seed + 1; an algorithm without a value model gets
+    None for it."""
     if not cfg.ppo.policy or not cfg.ppo.reward:
         raise UserError("ppo needs --policy SFT_RUN and --reward REWARD_RUN (or gold)")
     policy_cfg, tokenizer, sft_params = load_trained(cfg.ppo.policy)
@@ -230,9 +231,8 @@ def load_models(cfg: RunConfig):
     if cfg.ppo.reward == GOLD_REWARD or cfg.ppo.reward.startswith(CODE_REWARD):
         if cfg.ppo.reward == GOLD_REWARD and cfg.data.resolved_source != "world":
             raise UserError("--reward gold needs the task world's prompts (data.source=world)")
-        value_params = None
-        if cfg.ppo.has_value_model:
-            value_params = with_scalar_head(sft_params, model, jax.random.PRNGKey(cfg.train.seed + 1))
+        value_params = ((lambda seed: with_scalar_head(sft_params, model, jax.random.PRNGKey(seed + 1)))
+                        if cfg.ppo.has_value_model else None)
         return cfg, tokenizer, sft_params, value_params, None, None
     reward_cfg, reward_tokenizer, reward_params = load_trained(cfg.ppo.reward)
     if reward_cfg.model.head != "scalar":
@@ -244,7 +244,7 @@ def load_models(cfg: RunConfig):
     if not _same_vocabulary(tokenizer, reward_tokenizer):
         raise UserError(f"--reward {cfg.ppo.reward} and --policy {cfg.ppo.policy} use different tokenizers")
     normalization = reward_lib.load_normalization(cfg.ppo.reward)
-    value_params = reward_params if cfg.ppo.has_value_model else None
+    value_params = (lambda seed: reward_params) if cfg.ppo.has_value_model else None
     return cfg, tokenizer, sft_params, value_params, reward_params, normalization
 
 
@@ -524,47 +524,51 @@ def update_order(rows: int, group_size: int, seed) -> np.ndarray:
     return (groups[:, None] * group_size + np.arange(group_size)).reshape(-1)
 
 
-def ppo_updates(state, batch: dict, steps: UpdateSteps, strategy, cfg: RunConfig, iteration: int, key,
-                minibatch_rows: int, text: PretrainingText | None = None):
-    """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of the rollout batch (whole
-    on every process, so the minibatches do not depend on the number of processes), one train step
-    each: `steps.packed` on the minibatch packed (`pack_minibatch`) where it fits, else
-    `steps.unpacked`; with ppo.ptx_coef > 0 each minibatch also carries `minibatch_rows` windows
-    of pretraining `text`. Returns the state and the updates' metrics as one record
+def ppo_updates(state, batches: list[dict], steps: UpdateSteps, strategy, cfg: RunConfig, iteration: int, keys,
+                minibatch_rows: int, population: population_lib.Population, text: PretrainingText | None = None):
+    """`ppo.epochs` passes over `ppo.minibatches` shuffled minibatches of each replica's rollout
+    batch (`batches`, one per replica; whole on every process, so the minibatches do not depend on
+    the number of processes), one train step each, every replica in its own order: `steps.packed`
+    on the minibatches packed (`pack_minibatch`) where every replica's fits, else
+    `steps.unpacked`; with ppo.ptx_coef > 0 each minibatch also carries `minibatch_rows` windows of
+    pretraining `text`. Returns the state and each replica's updates' metrics as one record
     (`metrics.summary`), with the share of updates that ran packed."""
     updates, packed_updates = [], 0
     for epoch in range(cfg.ppo.epochs):
-        order = update_order(len(batch["inputs"]), cfg.ppo.group_size, [cfg.data.seed, iteration, epoch])
+        orders = [update_order(len(batch["inputs"]), cfg.ppo.group_size, [replica.order_seed, iteration, epoch])
+                  for replica, batch in zip(population.replicas, batches)]
         for m in range(cfg.ppo.minibatches):
-            chosen = order[m * minibatch_rows : (m + 1) * minibatch_rows]
-            minibatch = {name: value[chosen] for name, value in batch.items()}
+            minibatches = [{name: value[order[m * minibatch_rows : (m + 1) * minibatch_rows]]
+                            for name, value in batch.items()} for order, batch in zip(orders, batches)]
             step_fn = steps.unpacked
             if steps.packed is not None:
-                packed = pack_minibatch(minibatch, *steps.packed_shape)
-                if packed is not None:
-                    minibatch, step_fn, packed_updates = packed, steps.packed, packed_updates + 1
+                packed = [pack_minibatch(minibatch, *steps.packed_shape) for minibatch in minibatches]
+                if all(minibatch is not None for minibatch in packed):
+                    minibatches, step_fn, packed_updates = packed, steps.packed, packed_updates + 1
             if cfg.ppo.ptx_coef > 0:
-                minibatch |= ptx_batch(text.train, minibatch_rows, [cfg.data.seed, iteration, len(updates)])
-            state, metrics = step_fn(state, strategy.place_global(minibatch), jax.random.fold_in(key, len(updates) + 1))
+                minibatches = [minibatch | ptx_batch(text.train, minibatch_rows,
+                                                     [replica.order_seed, iteration, len(updates)])
+                               for replica, minibatch in zip(population.replicas, minibatches)]
+            state, metrics = step_fn(state, strategy.place_global(population.stack(minibatches)),
+                                     population.keys(keys, len(updates) + 1))
             updates.append(metrics)
-    record = summary([strategy.metrics_to_host(metrics) for metrics in updates])
-    return state, record | {"packed_updates": packed_updates / len(updates)}
+    records = population.summaries([strategy.metrics_to_host(metrics) for metrics in updates])
+    return state, [record | {"packed_updates": packed_updates / len(updates)} for record in records]
 
 
-def rl_objective(cfg: RunConfig):
+def rl_objective(cfg: RunConfig, **coefficients):
     """The objective of `ppo.algorithm`: PPO's (policy and value), or the critic-free one (GRPO
     with its KL term in the loss; RLOO, whose KL is in the reward); with the pretraining LM term
-    of PPO-ptx when ppo.ptx_coef > 0; on a LoRA tree's adapters with lora.rank > 0."""
+    of PPO-ptx when ppo.ptx_coef > 0; on a LoRA tree's adapters with lora.rank > 0. `coefficients`
+    (`clip_ratio`, `entropy_coef`: a population replica's, traced) replace the config's."""
     ppo = cfg.ppo
     apply_fn = GPT(cfg.model).apply
+    shared = dict(clip_ratio=ppo.clip_ratio, entropy_coef=ppo.entropy_coef, temperature=ppo.temperature) | coefficients
     if ppo.has_value_model:
-        objective = make_ppo_objective(apply_fn, clip_ratio=ppo.clip_ratio, clip_value=ppo.clip_value,
-                                       value_coef=ppo.value_coef, entropy_coef=ppo.entropy_coef,
-                                       temperature=ppo.temperature)
+        objective = make_ppo_objective(apply_fn, clip_value=ppo.clip_value, value_coef=ppo.value_coef, **shared)
     else:
-        objective = make_critic_free_objective(apply_fn, clip_ratio=ppo.clip_ratio,
-                                               kl_coef=ppo.kl_coef if ppo.algorithm == "grpo" else 0.0,
-                                               entropy_coef=ppo.entropy_coef, temperature=ppo.temperature)
+        objective = make_critic_free_objective(apply_fn, kl_coef=ppo.kl_coef if ppo.algorithm == "grpo" else 0.0,
+                                               **shared)
     objective = make_ptx_objective(objective, apply_fn, ppo.ptx_coef) if ppo.ptx_coef > 0 else objective
     return lora.objective(objective, cfg.lora)
 
@@ -584,44 +588,63 @@ def frozen_models(cfg: RunConfig, placement: "_Placement", sft_params, reward_pa
 
 def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 3: PPO on the policy of `ppo.policy` against the reward model of `ppo.reward`.
-    Returns the final metrics (the last iteration's record merged with the last evaluation)."""
+    Returns the final metrics (the last iteration's record merged with the last evaluation).
+
+    A population (`population.Population`) samples each replica's rollouts in turn with the
+    rollout programs of one replica (its prompts, key and beta), then updates every replica in one
+    vmapped train step per minibatch."""
     run_dir = epath.Path(run_dir)
+    population_lib.check(cfg, "ppo")
     check_algorithm(cfg)
     cfg, tokenizer, sft_params, value_params, reward_params, normalization = load_models(cfg)
     prompts = load_prompts(cfg, tokenizer)
     score_responses = host_scorer(cfg, prompts, tokenizer)
-    strategy = make_strategy(cfg.train)
+    population = population_lib.Population(cfg)
+    strategy = make_strategy(cfg.train, population.strategy_size)
     minibatch_rows = check_batches(cfg, strategy.batch_divisor * jax.process_count())
     text = load_pretraining_text(cfg, tokenizer)
-    init_fn = make_ppo_init_fn(cfg, *(None if p is None else jax.tree.map(jnp.array, p)
-                                      for p in (sft_params, value_params)))
+    init_fn = make_ppo_init_fn(cfg, sft_params, value_params)
     abstract_state = jax.eval_shape(init_fn)  # before anything is written: it checks the lora.* settings
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
         state, progress = checkpointer.restore(restore_target(abstract_state, strategy))
-        iteration, beta = int(progress["iteration"]), float(progress["beta"])
+        iteration, betas = int(progress["iteration"]), [float(b) for b in population.read_result(progress["beta"])]
     else:
-        state, iteration, beta = init_fn(), 0, cfg.ppo.kl_coef
+        state, iteration = init_fn(), 0
+        betas = [dict(replica.values).get("ppo.kl_coef", cfg.ppo.kl_coef) for replica in population.replicas]
     state = strategy.place_state(state)
     placement = _Placement(strategy)
     frozen = frozen_models(cfg, placement, sft_params, reward_params, normalization)
     # The loaded models live on only where the state or `frozen` holds them (with LoRA, nowhere else).
     del init_fn, sft_params, value_params, reward_params
-    objective = rl_objective(cfg)
     end_ids = stop_ids(tokenizer)
+
+    def replica_params():
+        """Each replica's parameters (on the device), for its rollout."""
+        return [params for _, params in population.split(strategy.state_to_host(state).params)]
+
     train_batch, rollout_memory = compile_rollout(
-        cfg, strategy.state_to_host(state).params, frozen, prompts, placement, end_ids=end_ids, pad_id=tokenizer.pad_id,
+        cfg, replica_params()[0], frozen, prompts, placement, end_ids=end_ids, pad_id=tokenizer.pad_id,
         gold=score_responses is not None)
-    train_step = make_train_step(objective, make_ppo_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum)
+
+    def replica_step(values: dict):
+        values = dict(values)
+        optimizer = make_ppo_optimizer(cfg, values.pop("lr_scale", None))
+        return make_train_step(rl_objective(cfg, **values), optimizer, strategy.reduce, cfg.optim.grad_accum)
+
+    train_step = population.map_step(replica_step)
+    base_rng = to_host(strategy.state_to_host(state).rng)
 
     def compile_update(rows: int, width: int, program: str):
         example = {name: np.zeros((rows, width), x.dtype) for name, x in train_batch.items()}
         if cfg.ppo.ptx_coef > 0:
             example |= ptx_batch(text.train, minibatch_rows, [0])
         return compile_step(strategy, train_step, abstract_state,
-                            example=(state, strategy.place_global(example), jax.random.PRNGKey(0)), program=program)
+                            example=(state, strategy.place_global(population.stack_like(example)),
+                                     population.keys(base_rng, 0)),
+                            program=program, advice=population.memory_advice)
 
     unpacked_step, memory = compile_update(minibatch_rows, train_batch["inputs"].shape[1], "train step")
     steps = UpdateSteps(unpacked_step)
@@ -630,53 +653,65 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         packed_step, _ = compile_update(pack_rows, cfg.model.context_len, "train step on packed minibatches")
         steps = UpdateSteps(unpacked_step, packed_step, (pack_rows, cfg.model.context_len))
 
-    def host_policy():
-        """The policy's parameters, whole on every process (a collective: all processes evaluate)."""
-        return host_copy(lora.merge_part(strategy.state_to_host(state).params, "policy", cfg.lora))
+    def evaluations() -> list[dict]:
+        """Each replica's policy evaluated (`evaluate_policy`), whole on every process (a
+        collective: all processes evaluate)."""
+        policies = host_copy(population.map(partial(lora.merge_part, name="policy", cfg=cfg.lora))(
+            strategy.state_to_host(state).params))
+        return [evaluate_policy(cfg, policy, tokenizer, text) for _, policy in population.split(policies)]
 
     writer = rundir.MetricsWriter(run_dir, iteration)
-    base_rng = to_host(strategy.state_to_host(state).rng)
     if iteration == 0:
         models = jax.eval_shape(partial(lora.merge, cfg=cfg.lora), abstract_state.params)
-        writer.write({"step": 0, "n_params": count_params(models),
-                      "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora)),
-                      "prompts": len(prompts.tokens),
-                      "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,
+        writer.write({"step": 0, "n_params": count_params(models) // population.size,
+                      "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora))
+                      // population.size,
+                      **({"replicas": population.size} if population.stacked else {}),
+                      "prompts": len(prompts.tokens), "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,
                       **peak_record("step_memory_mib", memory), **rollout_memory})
-        writer.write({"step": 0, **evaluate_policy(cfg, host_policy(), tokenizer, text)})
+        writer.write_all(population.log(0, evaluations()))
     show = cfg.train.progress and jax.process_index() == 0
     bar = tqdm(total=cfg.train.max_steps, initial=iteration, disable=not show, dynamic_ncols=True)
 
     def save():
-        checkpointer.save(iteration, strategy.state_to_host(state), {"iteration": iteration, "beta": beta})
+        checkpointer.save(iteration, strategy.state_to_host(state),
+                          {"iteration": iteration, "beta": population.result_file(betas)})
         writer.flush()
 
     try:  # closed on preemption too, so the log and TensorBoard get every record
         with PreemptionGuard() as guard:
             while iteration < cfg.train.max_steps:
-                key = jax.random.fold_in(base_rng, iteration)
-                rows = np.repeat(prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration, cfg.data.seed),
-                                 cfg.ppo.group_size)
-                with placement.context():
-                    response, batch, stats, timings = rollout(
-                        cfg, strategy.state_to_host(state).params, frozen, prompts, rows, beta, key, placement,
-                        end_ids=end_ids, pad_id=tokenizer.pad_id, score_responses=score_responses)
+                keys = population.keys(base_rng, iteration)
+                rollouts = []
+                for (replica, key), params, beta in zip(population.split(keys), replica_params(), betas):
+                    rows = np.repeat(prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration,
+                                                 replica.order_seed), cfg.ppo.group_size)
+                    with placement.context():
+                        response, batch, stats, timings = rollout(
+                            cfg, params, frozen, prompts, rows, beta, key, placement, end_ids=end_ids,
+                            pad_id=tokenizer.pad_id, score_responses=score_responses)
+                    rollouts.append((rows, response, batch, stats, timings))
                 start = time.perf_counter()
-                state, updates = ppo_updates(state, batch, steps, strategy, cfg, iteration, key, minibatch_rows, text)
+                state, updates = ppo_updates(state, [batch for _, _, batch, _, _ in rollouts], steps, strategy, cfg,
+                                             iteration, keys, minibatch_rows, population, text)
                 iteration += 1
-                record = {"step": iteration, **stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer),
-                          **updates, **timings, "train_s": time.perf_counter() - start, "host_peak_mib": host_peak_mib()}
+                train_s = time.perf_counter() - start
+                per_replica = [{**stats, "beta": beta, **rollout_gold(prompts, rows, response, tokenizer), **update,
+                                **timings, "train_s": train_s, "host_peak_mib": host_peak_mib()}
+                               for (rows, response, _, stats, timings), beta, update in zip(rollouts, betas, updates)]
                 if cfg.ppo.kl_target > 0:
-                    beta = adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon, len(rows))
-                writer.write(record)
+                    betas = [adaptive_kl_update(beta, record["kl"], cfg.ppo.kl_target, cfg.ppo.kl_horizon,
+                                                rollouts_per_iteration(cfg))
+                             for beta, record in zip(betas, per_replica)]
+                shown = writer.write_all(population.log(iteration, per_replica))
                 bar.update(1)
-                bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+                bar.set_postfix(score=f"{shown['score']:.3f}", kl=f"{shown['kl']:.3f}")
                 if iteration % cfg.train.eval_every == 0 or iteration == cfg.train.max_steps:
-                    evaluation = evaluate_policy(cfg, host_policy(), tokenizer, text)
-                    if evaluation:
-                        writer.write({"step": iteration, **evaluation})
-                    if evaluation and jax.process_index() == 0:
-                        bar.write(f"iteration {iteration}: held-out gold {100 * evaluation['val_gold_score']:.1f}/100")
+                    evaluated = evaluations()
+                    if evaluated[0]:
+                        shown = writer.write_all(population.log(iteration, evaluated))
+                    if evaluated[0] and jax.process_index() == 0:
+                        bar.write(f"iteration {iteration}: held-out gold {100 * shown['val_gold_score']:.1f}/100")
                 saved = iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps
                 if saved:
                     save()

@@ -37,12 +37,13 @@ def read_config(run_dir: epath.Path) -> RunConfig:
 
 
 def check_resumable(run_dir: epath.Path, cfg: RunConfig) -> RunConfig:
-    """The saved config of an existing run, refusing model, data or lora changes (they would not
-    load: lora.* shapes the parameter tree).
+    """The saved config of an existing run, refusing model, data, lora or population changes (they
+    would not load: lora.* shapes the parameter tree, the population its leading axis).
 
     Training and optimizer settings may change between launches (e.g. more steps)."""
     saved = read_config(run_dir)
-    changed = [name for name in config_lib.diff(saved, cfg) if name.split(".")[0] in ("model", "data", "lora")]
+    changed = [name for name in config_lib.diff(saved, cfg)
+               if name.split(".")[0] in ("model", "data", "lora", "population") or name == "train.population"]
     if changed:
         raise UserError(
             f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
@@ -55,6 +56,17 @@ def write_config(run_dir: epath.Path, cfg: RunConfig) -> None:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(config_lib.dumps(cfg))
+
+
+def tensorboard_run(record: dict) -> str:
+    """The TensorBoard run (sub-directory of tensorboard/) a record's curves go to: a population's
+    replicas (`replica_K`) and its mean and std (`population_mean`, ...) each get one, so
+    TensorBoard draws one curve per replica; an ordinary run's records go to tensorboard/ itself."""
+    if "replica" in record:
+        return f"replica_{record['replica']}"
+    if "population" in record:
+        return f"population_{record['population']}"
+    return ""
 
 
 class MetricsWriter:
@@ -83,7 +95,9 @@ class MetricsWriter:
         self.remote = is_remote(run_dir)
         self.file = None if self.remote else self.path.open("a")
         self.rewritten_at = time.monotonic()
-        self.tensorboard = SummaryWriter(os.fspath(run_dir / "tensorboard"))
+        self.tensorboard_dir = run_dir / "tensorboard"
+        self.make_tensorboard = SummaryWriter
+        self.tensorboards = {}
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -96,9 +110,18 @@ class MetricsWriter:
         else:
             self.file.write(line)
             self.file.flush()
+        run = tensorboard_run(record)
+        if run not in self.tensorboards:
+            self.tensorboards[run] = self.make_tensorboard(os.fspath(self.tensorboard_dir / run))
         for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(name, value, record["step"])
+            if name not in ("step", "replica", "seed") and isinstance(value, (int, float)):
+                self.tensorboards[run].add_scalar(name, value, record["step"])
+
+    def write_all(self, records: list[dict]) -> dict:
+        """Write every record; returns the first (an ordinary run's only one, a population's mean)."""
+        for record in records:
+            self.write(record)
+        return records[0]
 
     def flush(self) -> None:
         """Every record so far into the log (local records are there already)."""
@@ -111,7 +134,8 @@ class MetricsWriter:
             self.flush()
             if not self.remote:
                 self.file.close()
-            self.tensorboard.close()
+            for tensorboard in self.tensorboards.values():
+                tensorboard.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

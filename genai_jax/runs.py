@@ -11,12 +11,16 @@ they restore into.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from functools import partial
 
 import jax
+import jax.numpy as jnp
 from etils import epath
 
 from genai_jax import lora, rundir
+from genai_jax import population as population_lib
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.model import init_params
@@ -76,11 +80,13 @@ def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunCon
 
 def final_record(run_dir: epath.Path) -> dict:
     """The records of a run's last step merged, e.g. its train and eval records (process 0; others
-    have none)."""
+    have none); of a population, its mean records."""
     if jax.process_index() != 0:
         return {}
-    records = rundir.read_metrics(run_dir)
-    return {name: value for record in records if record["step"] == records[-1]["step"] for name, value in record.items()}
+    records = [record for record in rundir.read_metrics(run_dir)
+               if "replica" not in record and record.get("population", "mean") == "mean"]
+    return {name: value for record in records if record["step"] == records[-1]["step"]
+            for name, value in record.items() if name != "population"}
 
 
 def _lora_wrapped(cfg: RunConfig, init):
@@ -90,29 +96,51 @@ def _lora_wrapped(cfg: RunConfig, init):
     return lambda key: lora.wrap(init(key), cfg.lora, jax.random.fold_in(key, 1))
 
 
-def make_stage_init_fn(cfg: RunConfig, params=None):
-    """TrainState init for a pretrain, SFT, reward or DPO run: `params`, or random ones of the
-    right shape (enough for `jax.eval_shape`, to restore checkpoints into); a LoRA tree of them
-    with lora.rank > 0."""
-    def init(key):
-        return init_params(cfg.model, key) if params is None else params
+def make_stage_init_fn(cfg: RunConfig, initial_params=None):
+    """TrainState init of a pretrain, sft, reward or dpo run, stacked over a population's replicas:
+    params from a copy of `initial_params(index, seed)` of each replica (the step donates them; the
+    caller may still use them), or a fresh init; a LoRA tree of them with lora.rank > 0 (each
+    replica's adapters from its own key). Suits `jax.eval_shape` (abstract states to restore into)."""
+    optimizer = make_stage_optimizer(cfg)
 
-    return make_init_fn(_lora_wrapped(cfg, init), make_stage_optimizer(cfg), cfg.train.seed)
+    def make(index, seed):
+        def init(key):
+            if initial_params is None:
+                return init_params(cfg.model, key)
+            return jax.tree.map(jnp.array, initial_params(index, seed))
+
+        return make_init_fn(_lora_wrapped(cfg, init), optimizer, seed)
+
+    return population_lib.Population(cfg).map_init(make)
 
 
 def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
     """TrainState init for an RLHF run's {"policy", "value"} ({"policy"} for an algorithm without
-    a value model); with no params given, random ones of the right shape (enough for
-    `jax.eval_shape`, to restore checkpoints into); one LoRA tree of both with lora.rank > 0."""
+    a value model), stacked over a population's replicas: the policy from a copy of
+    `policy_params`, the value model from a copy of `value_params(seed)` (each replica's own head
+    init where it gets a new one); with no params given, random ones of the right shape (enough
+    for `jax.eval_shape`, to restore checkpoints into); one LoRA tree of both with lora.rank > 0
+    (each replica's adapters from its own key)."""
 
-    def init(key):
-        policy_key, value_key = jax.random.split(key)
-        params = {"policy": init_params(cfg.model, policy_key, "lm") if policy_params is None else policy_params}
-        if cfg.ppo.has_value_model:
-            params["value"] = init_params(cfg.model, value_key, "scalar") if value_params is None else value_params
-        return params
+    def make(index, seed):
+        def init(key):
+            policy_key, value_key = jax.random.split(key)
+            params = {"policy": init_params(cfg.model, policy_key, "lm") if policy_params is None
+                      else jax.tree.map(jnp.array, policy_params)}
+            if cfg.ppo.has_value_model:
+                params["value"] = (init_params(cfg.model, value_key, "scalar") if value_params is None
+                                   else jax.tree.map(jnp.array, value_params(seed)))
+            return params
 
-    return make_init_fn(_lora_wrapped(cfg, init), make_ppo_optimizer(cfg), cfg.train.seed)
+        return make_init_fn(_lora_wrapped(cfg, init), optimizer, seed)
+
+    optimizer = make_ppo_optimizer(cfg)
+    return population_lib.Population(cfg).map_init(make)
+
+
+def make_run_init_fn(cfg: RunConfig):
+    """The init (for its shapes) of any run's state: an RLHF run's (`ppo.policy` set) or a stage's."""
+    return make_ppo_init_fn(cfg) if cfg.ppo.policy else make_stage_init_fn(cfg)
 
 
 def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
@@ -130,12 +158,73 @@ def load_saved(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
     read (`Checkpointer.restore_params`), not the optimizer state."""
     run_dir = epath.Path(run_dir)
     cfg = rundir.read_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    if checkpointer.latest_step() is None:
-        raise UserError(f"{run_dir}: no checkpoint yet")
-    # an RLHF run: {"policy", "value"} (or {"policy"}) under the PPO optimizer
-    init_fn = make_ppo_init_fn(cfg) if cfg.ppo.policy else make_stage_init_fn(cfg)
+    if population_lib.is_population(cfg):
+        raise UserError(f"{run_dir} holds a population of {population_lib.Population(cfg).size} replicas; "
+                        f"`genai-jax extract --run {run_dir} --replica I --run-dir OUT` writes one as a run")
+    return cfg, load_tokenizer(run_dir), restore_params(run_dir, make_run_init_fn(cfg))
+
+
+def load_population(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config, tokenizer, params stacked over the replicas) of a population run's latest
+    checkpoint, ordinary params (a LoRA population's adapters merged)."""
+    run_dir = epath.Path(run_dir)
+    cfg = rundir.read_config(run_dir)
+    params = restore_params(run_dir, make_stage_init_fn(cfg))
+    return cfg, load_tokenizer(run_dir), population_lib.Population(cfg).map(partial(lora.merge, cfg=cfg.lora))(params)
+
+
+def restore_latest(run_dir: epath.Path, init_fn):
+    """(state, data iterator state) of a run's latest checkpoint, on one device, shaped as
+    `init_fn()` makes them (its RLHF state is `make_ppo_init_fn`'s)."""
+    checkpointer = _latest_checkpoint(run_dir)
+    restored = checkpointer.restore(restore_target(jax.eval_shape(init_fn), Single()))
+    checkpointer.close()
+    return restored
+
+
+def restore_params(run_dir: epath.Path, init_fn):
+    """The params alone of a run's latest checkpoint (`Checkpointer.restore_params`: no optimizer
+    state is read), on one device, shaped as `init_fn()` makes them."""
+    checkpointer = _latest_checkpoint(run_dir)
     params = checkpointer.restore_params(restore_target(jax.eval_shape(init_fn).params, Single()))
     checkpointer.close()
-    return cfg, tokenizer, params
+    return params
+
+
+def _latest_checkpoint(run_dir: epath.Path) -> Checkpointer:
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    if checkpointer.latest_step() is None:
+        checkpointer.close()
+        raise UserError(f"{run_dir}: no checkpoint yet")
+    return checkpointer
+
+
+def extract(run_dir: str | os.PathLike, index: int, out: str | os.PathLike) -> None:
+    """Write replica `index` of a population run as the ordinary run it equals
+    (`population.replica_config`): config.json, tokenizer, its latest checkpoint (its state and
+    data order, so the new run resumes exactly), its records without the replica tags, and a reward
+    model's normalisation."""
+    run_dir, out = epath.Path(run_dir), epath.Path(out)
+    cfg = rundir.read_config(run_dir)
+    population = population_lib.Population(cfg)
+    if not population.stacked:
+        raise UserError(f"{run_dir} holds no population (train.population=1, no population axes)")
+    if not 0 <= index < population.size:
+        raise UserError(f"--replica {index}: {run_dir} holds replicas 0 to {population.size - 1}")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; choose another --run-dir")
+    state, data_state = restore_latest(run_dir, make_run_init_fn(cfg))
+    replica_cfg = population_lib.replica_config(cfg, population.replicas[index])
+    rundir.write_config(out, replica_cfg)
+    load_tokenizer(run_dir).save(out)
+    checkpointer = Checkpointer(out / "checkpoints")
+    checkpointer.save(int(state.step[index]), population_lib.take(state, index),
+                      population_lib.replica_part(data_state, index))
+    checkpointer.wait()
+    checkpointer.close()
+    records = population_lib.replica_records(rundir.read_metrics(run_dir), index)
+    (out / rundir.METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+    for path in run_dir.glob("*.json"):  # per-replica results (a reward model's normalisation)
+        if path.name != rundir.CONFIG_FILE:
+            data = json.loads(path.read_text())
+            (out / path.name).write_text(json.dumps(population_lib.replica_part(data, index), indent=2))

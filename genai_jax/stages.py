@@ -11,13 +11,13 @@ import os
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from genai_jax import config as config_lib
 from genai_jax import dpo as dpo_lib
 from genai_jax import lora
+from genai_jax import population as population_lib
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
@@ -35,7 +35,8 @@ from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_stage_optimizer, schedule
 from genai_jax.parallel import compile_step, host_copy, host_peak_mib, make_strategy, peak_record, sync_processes, to_host
-from genai_jax.runs import final_record, load_trained, make_stage_init_fn, open_run, restore_target, with_vocab
+from genai_jax.runs import (final_record, load_population, load_trained, make_stage_init_fn, open_run, restore_target,
+                            with_vocab)
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer
 from genai_jax.train import fit, make_eval_step, make_train_step
@@ -48,11 +49,13 @@ def seq_len(cfg: RunConfig) -> int:
     return length
 
 
-def check_config(cfg: RunConfig) -> int:
+def check_config(cfg: RunConfig, stage: str) -> int:
     """The sequence length, once the settings a run directory cannot fix later are checked (so a
     bad flag fails before anything is written), the lora.* settings against the model's params
     among them."""
-    loader.per_process_batch(cfg.train.batch_size, make_strategy(cfg.train).batch_divisor * cfg.optim.grad_accum)
+    population_lib.check(cfg, stage)
+    divisor = make_strategy(cfg.train, population_lib.Population(cfg).strategy_size).batch_divisor
+    loader.per_process_batch(cfg.train.batch_size, divisor * cfg.optim.grad_accum)
     if cfg.lora.rank:
         jax.eval_shape(make_stage_init_fn(cfg))  # raises on bad lora.* settings
     return seq_len(cfg)
@@ -62,24 +65,27 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
                 initial_params=None, summary: dict | None = None):
     """The loop every stage shares: strategy, grain iterators, restore or init, compile, fit.
 
-    `make_objective(apply_fn, deterministic)` builds the stage's objective; train_source and
-    val_source are random-access records of one LM row each. The state starts from
-    `initial_params` (a fine-tuning stage) or from a fresh init, unless the run directory holds a
-    checkpoint, which always wins. The train step is compiled ahead of time, so a step too big for
-    the device fails before training; its memory is printed and logged at step 0
-    (`step_memory_mib`, per device). With lora.rank > 0 the state's params are a LoRA tree of
-    the initial params (`genai_jax.lora`) and only its adapters (and a scalar head) train.
-    Returns the final params as the model takes them (a LoRA tree merged).
+    `make_objective(apply_fn, deterministic, **keywords)` builds the stage's objective (a
+    population's axes may set keywords); train_source and val_source are random-access records
+    of one LM row each. The state starts from `initial_params(index, seed)` of each replica (a
+    fine-tuning stage) or from a fresh init, unless the run directory holds a checkpoint, which
+    always wins. A population (`population.Population`) stacks its replicas' states and maps the
+    step over them. The train step is compiled ahead of time, so a step too big for the device
+    fails before training; its memory is printed and logged at step 0 (`step_memory_mib`, per
+    device). With lora.rank > 0 the state's params are a LoRA tree of the initial params
+    (`genai_jax.lora`) and only its adapters (and a scalar head) train.
+    Returns the final params as the model takes them (a LoRA tree merged), stacked over a
+    population's replicas.
     """
-    strategy = make_strategy(cfg.train)
+    population = population_lib.Population(cfg)
+    strategy = make_strategy(cfg.train, population.strategy_size)
     batch_size = loader.per_process_batch(cfg.train.batch_size, strategy.batch_divisor * cfg.optim.grad_accum)
-    train_iter = loader.train_iterator(train_source, batch_size, seed=cfg.data.seed)
+    train_iter = population.train_iterator(train_source, batch_size)
     val_batches = []
     if val_source is not None:
-        val_batches = loader.validation_batches(val_source, cfg.train.batch_size, cfg.train.eval_batches,
-                                                seed=cfg.data.seed + 1)
+        val_batches = [population.stack_like(batch) for batch in loader.validation_batches(
+            val_source, cfg.train.batch_size, cfg.train.eval_batches, seed=cfg.data.seed + 1)]
 
-    model = GPT(cfg.model)
     init_fn = make_stage_init_fn(cfg)
     abstract_state = jax.eval_shape(init_fn)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -88,32 +94,31 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
         state = strategy.place_state(state)
         train_iter.set_state(data_state)
     elif initial_params is not None:
-        # A copy: the step donates the state, and the caller may still use its arrays.
-        params = jax.tree.map(jnp.array, initial_params)
-        state = strategy.place_state(make_stage_init_fn(cfg, params)())
+        state = strategy.place_state(make_stage_init_fn(cfg, initial_params)())
     else:
         state = strategy.compile_init(init_fn, abstract_state)()
-    start_step = int(to_host(strategy.state_to_host(state).step))
+    start_step = int(to_host(strategy.state_to_host(state).step).flat[0])
 
+    train_step, eval_step = stage_steps(cfg, population, make_objective, strategy.reduce)
+    merged = population.map(partial(lora.merge, cfg=cfg.lora))
     example_batch = jax.tree.map(lambda x: np.zeros((batch_size, *np.shape(x)), np.asarray(x).dtype),
                                  train_source[0])
 
-    def objective(deterministic: bool):
-        return lora.objective(make_objective(model.apply, deterministic), cfg.lora)
-
     step_fn, memory = compile_step(
-        strategy,
-        make_train_step(objective(False), make_stage_optimizer(cfg), strategy.reduce, cfg.optim.grad_accum),
-        abstract_state,
-        example=(state, strategy.place_batch(example_batch), jax.random.PRNGKey(0)),
+        strategy, train_step, abstract_state,
+        example=(state, strategy.place_batch(population.stack_like(example_batch)),
+                 population.keys(to_host(strategy.state_to_host(state).rng), 0)),
+        advice=population.memory_advice,
     )
-    eval_fn = strategy.compile_eval(make_eval_step(objective(True), strategy.reduce), abstract_state)
+    eval_fn = strategy.compile_eval(eval_step, abstract_state)
     writer = rundir.MetricsWriter(run_dir, start_step)
     if start_step == 0:
-        model_params = jax.eval_shape(partial(lora.merge, cfg=cfg.lora), abstract_state.params)
-        writer.write({"step": 0, "n_params": count_params(model_params),
-                      "n_params_non_embedding": count_params(model_params, embeddings=False),
-                      "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora)),
+        size = population.size  # the counts are one replica's
+        model_params = jax.eval_shape(merged, abstract_state.params)
+        writer.write({"step": 0, "n_params": count_params(model_params) // size,
+                      "n_params_non_embedding": count_params(model_params, embeddings=False) // size,
+                      "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora)) // size,
+                      **({"replicas": population.size} if population.stacked else {}),
                       **peak_record("step_memory_mib", memory), **(summary or {})})
     try:  # closed on preemption too, so TensorBoard gets every record
         state = fit(
@@ -128,11 +133,30 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
             cfg=cfg.train,
             tokens_per_step=cfg.train.batch_size * seq_len(cfg),
             lr_fn=schedule(cfg.optim, cfg.train.max_steps),
+            population=population,
         )
     finally:
         writer.close()
         checkpointer.close()
-    return lora.merge(strategy.state_to_host(state).params, cfg.lora)
+    return merged(strategy.state_to_host(state).params)
+
+
+def stage_steps(cfg: RunConfig, population: population_lib.Population, make_objective, reduce):
+    """(train step, eval step) of a stage: `train.make_train_step` and `make_eval_step` of
+    `make_objective(apply_fn, deterministic, **keywords)`, mapped over the population's replicas,
+    each replica's objective keywords and learning-rate scale traced numbers (`step_values`)."""
+    apply_fn = GPT(cfg.model).apply
+
+    def objective(deterministic: bool, values: dict):
+        keywords = {k: v for k, v in values.items() if k != "lr_scale"}
+        return lora.objective(make_objective(apply_fn, deterministic, **keywords), cfg.lora)
+
+    def train_step(values: dict):
+        return make_train_step(objective(False, values), make_stage_optimizer(cfg, values.get("lr_scale")),
+                               reduce, cfg.optim.grad_accum)
+
+    return (population.map_step(train_step),
+            population.map_step(lambda values: make_eval_step(objective(True, values), reduce)))
 
 
 def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
@@ -141,7 +165,7 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if cfg.lora.rank:
         raise UserError(f"lora.rank={cfg.lora.rank}: adapters fine-tune a trained model (sft, reward, dpo, ppo), "
                         "not a pretraining run")
-    length = check_config(cfg)
+    length = check_config(cfg, "pretrain")
     text = sources.load_text(cfg.data)
     cfg, tokenizer = open_run(cfg, run_dir, lambda directory: build_tokenizer(cfg.data, text, directory))
 
@@ -156,8 +180,9 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         if jax.process_index() == 0:
             prompt = val_tokens[:1] if len(val_tokens) else train_tokens[:1]
             new = min(cfg.train.sample_tokens, cfg.model.context_len - 1)
-            sample = sample_text(cfg, params, tokenizer, prompt, new, seed=cfg.train.seed)
-            (run_dir / "samples.txt").write_text(sample + "\n")
+            samples = [sample_text(cfg, replica_params, tokenizer, prompt, new, seed=replica.seed)
+                       for replica, replica_params in population_lib.Population(cfg).split(params)]
+            (run_dir / "samples.txt").write_text("".join(sample + "\n" for sample in samples))
         # The others wait here rather than at a barrier that times out (JAX's at exit, orbax's in
         # the next stage's restore), however long the sample takes.
         sync_processes("pretrain: sampled")
@@ -167,8 +192,8 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
     run_dir = epath.Path(run_dir)
-    cfg, tokenizer, base_params = load_init(cfg, "sft needs --init-from RUN_DIR (a pretraining run)")
-    length = check_config(cfg)
+    cfg, tokenizer, initial_params = sft_init(cfg)
+    length = check_config(cfg, "sft")
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
     train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
     val_rows = None
@@ -178,18 +203,41 @@ def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     say(f"sft data: {train_stats}")
     train_stage(
         cfg, run_dir, make_objective=make_masked_lm_objective, train_source=loader.Rows(train_rows),
-        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=base_params,
+        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=initial_params,
         summary=train_stats,
     )
     return final_record(run_dir)
 
 
-def load_init(cfg: RunConfig, missing: str) -> tuple[RunConfig, Tokenizer, dict]:
-    """(config with vocab, tokenizer, params) of the `train.init_from` run a stage starts from,
+def sft_init(cfg: RunConfig):
+    """(config with vocab, tokenizer, `initial_params(index, seed)`) of SFT: every replica starts
+    from the init run, or replica i from replica i of an init run that is a population."""
+    missing = "sft needs --init-from RUN_DIR (a pretraining run)"
+    base_cfg = rundir.read_config(epath.Path(cfg.train.init_from)) if cfg.train.init_from else None
+    if base_cfg is None or not population_lib.is_population(base_cfg):
+        cfg, tokenizer, params = load_init(cfg, missing)
+        return cfg, tokenizer, lambda index, seed: params
+    cfg, tokenizer, stacked = load_init(cfg, missing, load=load_population)
+    check_population_init(cfg, base_cfg)
+    return cfg, tokenizer, lambda index, seed: population_lib.take(stacked, index)
+
+
+def check_population_init(cfg: RunConfig, base_cfg: RunConfig) -> None:
+    """Refuse fine-tuning a population from one of another size (replica i starts from replica i)."""
+    size, base_size = population_lib.Population(cfg).size, population_lib.Population(base_cfg).size
+    if size != base_size:
+        raise UserError(f"--init-from {cfg.train.init_from} is a population of {base_size} replicas and this run's "
+                        f"has {size} (train.population times the --population values); replica i starts from "
+                        "replica i, so they must be as many")
+
+
+def load_init(cfg: RunConfig, missing: str, load=load_trained) -> tuple[RunConfig, Tokenizer, dict]:
+    """(config with vocab, tokenizer, params) of the `train.init_from` run a stage starts from
+    (`load`: `runs.load_trained`, or `runs.load_population` for a population's stacked params),
     refusing one whose model differs from this stage's (dropout and head may differ)."""
     if not cfg.train.init_from:
         raise UserError(missing)
-    base_cfg, tokenizer, base_params = load_trained(cfg.train.init_from)
+    base_cfg, tokenizer, base_params = load(cfg.train.init_from)
     cfg = with_vocab(cfg, tokenizer)
     mismatched = [name for name in config_lib.diff(base_cfg.model, cfg.model) if name not in ("dropout", "head")]
     if mismatched:
@@ -211,7 +259,7 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         raise UserError("a reward model needs model.head=scalar")
     cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
     policy_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="lm"))
-    length = check_config(cfg)
+    length = check_config(cfg, "reward")
     train_groups, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, policy_cfg, sft_params, tokenizer,
                                                                             length)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
@@ -219,7 +267,7 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     reward_params = train_stage(
         cfg, run_dir, make_objective=partial(make_bradley_terry_objective, centering=cfg.objective.reward_centering),
         train_source=loader.Rows(train_rows), val_source=None if val_rows is None else loader.Rows(val_rows),
-        initial_params=with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(cfg.train.seed + 1)),
+        initial_params=lambda index, seed: with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(seed + 1)),
         summary=stats,
     )
     reward_params = host_copy(reward_params)  # a collective: every process takes part
@@ -232,19 +280,26 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                                      seed=cfg.data.seed + offset)]
             for offset in (11, 13)
         )
-        normalization = reward_lib.fit_normalization(
-            reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
-        reward_lib.save_normalization(run_dir, normalization)
-        check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
-        record = {"step": cfg.train.max_steps, **normalization,
-                  "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
-        if val_agrees is not None and val_rows is not None:
-            accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
-            record |= {"val_label_accuracy": float(accuracy.mean()),
-                       "val_gold_accuracy": float(reward_lib.gold_accuracy(accuracy, val_agrees).mean()),
-                       "val_label_gold_agreement": float(np.mean(val_agrees))}
+
+        def evaluated(reward_params) -> dict:
+            normalization = reward_lib.fit_normalization(
+                reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
+            check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
+            result = {**normalization, "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
+            if val_agrees is not None and val_rows is not None:
+                accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
+                result |= {"val_label_accuracy": float(accuracy.mean()),
+                           "val_gold_accuracy": float(reward_lib.gold_accuracy(accuracy, val_agrees).mean()),
+                           "val_label_gold_agreement": float(np.mean(val_agrees))}
+            return result
+
+        population = population_lib.Population(cfg)
+        results = [evaluated(replica_params) for _, replica_params in population.split(reward_params)]
+        reward_lib.save_normalization(run_dir, population.result_file(
+            [{name: result[name] for name in ("gain", "bias")} for result in results]))
+        records = population.log(cfg.train.max_steps, results)
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-        writer.write(record)
+        record = writer.write_all(records)
         writer.close()
     sync_processes("reward: normalised")  # a later stage of this launch (the pipeline's ppo) reads it
     return record
@@ -259,7 +314,7 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if cfg.model.head != "lm":
         raise UserError("dpo trains a policy: model.head must be lm")
     cfg, tokenizer, sft_params = load_init(cfg, "dpo needs --init-from RUN_DIR (an SFT run)")
-    length = check_config(cfg)
+    length = check_config(cfg, "dpo")
     _, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, cfg, sft_params, tokenizer, length)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     say(f"dpo data: {stats}")
@@ -275,21 +330,29 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                         reference_params=on_the_fly)
     params = train_stage(
         cfg, run_dir, make_objective=objective, train_source=loader.Rows(named_rows["train"]),
-        val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None, initial_params=sft_params,
-        summary=stats,
+        val_source=loader.Rows(named_rows["val"]) if "val" in named_rows else None,
+        initial_params=lambda index, seed: sft_params, summary=stats,
     )
     params = host_copy(params)  # a collective: every process takes part
-    record = {}
     if jax.process_index() == 0:  # the others wait at the barrier below
-        if val_rows is not None:
-            accuracy = dpo_lib.implicit_pair_accuracy(cfg, params, sft_params, val_rows)
-            record["val_pair_accuracy"] = float(accuracy.mean())
-            if val_agrees is not None:
-                record["val_gold_accuracy"] = float(reward_lib.gold_accuracy(accuracy, val_agrees).mean())
-        record |= policy_gold(cfg, params, tokenizer, cfg.dpo.gold_prompts, cfg.dpo.max_new_tokens, temperature=1.0)
-        record["host_peak_mib"] = host_peak_mib()
+        population = population_lib.Population(cfg)
+
+        def evaluated(replica: population_lib.Replica, policy_params) -> dict:
+            # the implicit reward is beta * log-ratio: each replica's own beta
+            replica_cfg = population_lib.replica_config(cfg, replica)
+            result = {}
+            if val_rows is not None:
+                accuracy = dpo_lib.implicit_pair_accuracy(replica_cfg, policy_params, sft_params, val_rows)
+                result["val_pair_accuracy"] = float(accuracy.mean())
+                if val_agrees is not None:
+                    result["val_gold_accuracy"] = float(reward_lib.gold_accuracy(accuracy, val_agrees).mean())
+            return result | policy_gold(cfg, policy_params, tokenizer, cfg.dpo.gold_prompts, cfg.dpo.max_new_tokens,
+                                        temperature=1.0)
+
+        results = [evaluated(*replica_params) for replica_params in population.split(params)]
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-        writer.write({"step": cfg.train.max_steps, **record})
+        writer.write_all(population.log(cfg.train.max_steps, results,
+                                        lambda replica: {"host_peak_mib": host_peak_mib()}))
         writer.close()
     sync_processes("dpo: evaluated")
     return final_record(run_dir)

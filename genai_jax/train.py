@@ -15,7 +15,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from genai_jax.metrics import is_maximum, summary
+from genai_jax.metrics import is_maximum
 from genai_jax.parallel import Reduction, to_host
 
 
@@ -174,10 +174,11 @@ def make_eval_step(objective: Callable, reduce: Reduction = Reduction()):
     return eval_step
 
 
-def evaluate(eval_fn: Callable, state, batches: list[dict], strategy, rng: jax.Array) -> dict[str, float]:
-    """The eval metrics over fixed batches (equal-weight batches: plain means)."""
-    records = [strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch), rng)) for batch in batches]
-    return {f"val_{name}": value for name, value in summary(records).items()}
+def evaluate(eval_fn: Callable, state, batches: list[dict], strategy, rng: jax.Array) -> list[dict]:
+    """The eval metrics of each fixed batch on the host, prefixed `val_` (equal-weight batches:
+    `metrics.summary` averages them)."""
+    host = [strategy.metrics_to_host(eval_fn(state, strategy.place_batch(batch), rng)) for batch in batches]
+    return [{f"val_{name}": value for name, value in metrics.items()} for metrics in host]
 
 
 def fit(
@@ -193,16 +194,19 @@ def fit(
     cfg,
     tokens_per_step: int,
     lr_fn: Callable[[int], float],
+    population,
 ):
     """Train from `state.step` to `cfg.max_steps`, logging, evaluating and checkpointing.
 
     `train_iter` must offer `get_state()` (saved with each checkpoint). Step k's dropout key is
-    `fold_in(rng, k)`, so a resumed run sees the same keys as an uninterrupted one. Ctrl-C saves
+    `fold_in(rng, k)`, so a resumed run sees the same keys as an uninterrupted one. `population`
+    (a `population.Population`) gives each replica's keys and splits metrics into its records;
+    `tokens_per_step` and the logged `tokens_per_s` are one replica's. Ctrl-C saves
     a checkpoint before stopping; SIGTERM (see `PreemptionGuard`) finishes the step, saves a
     checkpoint there and raises `Preempted`.
     """
     host_state = strategy.state_to_host(state)
-    step = int(to_host(host_state.step))
+    step = int(to_host(host_state.step).flat[0])  # a population's replicas share it
     base_rng = to_host(host_state.rng)
     last_saved = step
     show = cfg.progress and jax.process_index() == 0
@@ -214,25 +218,26 @@ def fit(
         writer.flush()
 
     if step == 0 and val_batches:  # the starting point, for fine-tuning stages above all
-        writer.write({"step": 0, **evaluate(eval_fn, state, val_batches, strategy, base_rng)})
+        writer.write_all(population.records(0, evaluate(eval_fn, state, val_batches, strategy, base_rng)))
     with PreemptionGuard() as guard:
         try:
             while step < cfg.max_steps:
                 batch = strategy.place_batch(next(train_iter))
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                state, metrics = step_fn(state, batch, population.keys(base_rng, step))
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    metrics = summary([strategy.metrics_to_host(metrics)])
                     now = time.perf_counter()
                     tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step
-                    writer.write({"step": step, **metrics, "lr": float(lr_fn(step - 1)),
-                                  "tokens_per_s": tokens_per_s})
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                    lr = float(lr_fn(step - 1))
+                    shown = writer.write_all(population.records(
+                        step, [strategy.metrics_to_host(metrics)],
+                        lambda replica: {"lr": lr * population.lr_scale(replica), "tokens_per_s": tokens_per_s}))
+                    bar.set_postfix(loss=f"{shown['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 if val_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    record = evaluate(eval_fn, state, val_batches, strategy, base_rng)
-                    writer.write({"step": step, **record})
+                    evaluated = evaluate(eval_fn, state, val_batches, strategy, base_rng)
+                    record = writer.write_all(population.records(step, evaluated))
                     if show:
                         bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
                     tick = time.perf_counter()

@@ -434,7 +434,7 @@ def step_batch(batch: dict) -> dict:
 def one_ppo_step(strategy, models, batch, accum_steps: int = 1) -> tuple[dict, dict]:
     """(metrics, params) on the host after one step of make_ppo_optimizer from the rollout's models."""
     cfg = PPO_RUN
-    init_fn = make_ppo_init_fn(cfg, models["policy"], models["value"])
+    init_fn = make_ppo_init_fn(cfg, models["policy"], lambda seed: models["value"])
     abstract_state = jax.eval_shape(init_fn)
     state = strategy.compile_init(init_fn, abstract_state)()
     objective = make_ppo_objective(GPT(cfg.model).apply, temperature=cfg.ppo.temperature)
