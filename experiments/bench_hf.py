@@ -1,6 +1,6 @@
 """Import and export of Hugging Face checkpoints at real shapes: time and peak host memory.
 
-    python experiments/bench_hf.py --model gpt2 smollm2-135m [--dtype bfloat16]
+    python experiments/bench_hf.py --model gpt2 smollm2-135m [qwen2.5-0.5b] [--dtype bfloat16]
 
 Each model is built with random weights by `transformers` (no download) and saved with a small
 BPE tokenizer; `genai-jax import-hf` and `export-hf` then run as fresh processes, so each peak
@@ -31,6 +31,11 @@ SHAPES = {
                      dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                           num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                           rms_norm_eps=1e-5, tie_word_embeddings=True, vocab_size=49152)),
+    # Qwen2.5-0.5B's config.json (Qwen/Qwen2.5-0.5B): grouped-query attention, q/k/v biases, tied
+    "qwen2.5-0.5b": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                     dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                          num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+                          rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936)),
 }
 
 
@@ -59,7 +64,7 @@ def timed(*argv: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--model", nargs="+", default=["gpt2", "smollm2-135m"], choices=list(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the dtype the checkpoint is saved in (imports are float32 either way)")
     args = parser.parse_args()

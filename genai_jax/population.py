@@ -36,10 +36,6 @@ HYPERPARAMETERS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "ppo.clip_ratio": (("ppo",), "clip_ratio"),
     "ppo.entropy_coef": (("ppo",), "entropy_coef"),
 }
-TAGS = ("replica", "seed", "hyperparameters")
-"""What a replica's record carries besides its metrics."""
-
-
 def is_population(cfg: RunConfig) -> bool:
     return cfg.train.population > 1 or bool(cfg.population.axes)
 
@@ -80,6 +76,7 @@ class Replica:
     """This replica's value of each hyperparameter axis."""
 
     def tags(self) -> dict:
+        """Its records' `replica_log.TAGS`."""
         return {"replica": self.index, "seed": self.seed, "hyperparameters": dict(self.values)}
 
 
@@ -104,16 +101,6 @@ def replica_config(cfg: RunConfig, replica: Replica) -> RunConfig:
         if name == "optim.lr":
             sections["optim"]["min_lr"] = cfg.optim.min_lr * value / cfg.optim.lr
     return config_lib.replace(cfg, **sections)
-
-
-def replica_records(records: list[dict], index: int) -> list[dict]:
-    """A population's log as replica `index`'s own: its records without their tags, and the
-    records of the whole run (step 0's sizes) without the replica count."""
-    own = [{name: value for name, value in record.items() if name not in TAGS}
-           for record in records if record.get("replica") == index]
-    shared = [{name: value for name, value in record.items() if name != "replicas"}
-              for record in records if "replica" not in record and "population" not in record]
-    return sorted(shared + own, key=lambda record: record["step"])
 
 
 def replica_part(data, index: int):

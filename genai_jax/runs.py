@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from genai_jax import lora, rundir
+from genai_jax import lora, replica_log, rundir
 from genai_jax import population as population_lib
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
@@ -222,7 +222,7 @@ def extract(run_dir: str | os.PathLike, index: int, out: str | os.PathLike) -> N
                       population_lib.replica_part(data_state, index))
     checkpointer.wait()
     checkpointer.close()
-    records = population_lib.replica_records(rundir.read_metrics(run_dir), index)
+    records = replica_log.replica_records(rundir.read_metrics(run_dir), index)
     (out / rundir.METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
     for path in run_dir.glob("*.json"):  # per-replica results (a reward model's normalisation)
         if path.name != rundir.CONFIG_FILE:

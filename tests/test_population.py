@@ -14,6 +14,7 @@ from genai_jax import config, population, rlhf, rundir, runs, stages
 from genai_jax.config import UserError
 from genai_jax.evaluation import gold_eval
 from genai_jax.parallel import check_fits
+from genai_jax.replica_log import TAGS
 
 SINGLE = dict(strategy="single", sample_tokens=0)
 NOISY = dict(dropout=0.1)  # so that each replica's own dropout keys matter
@@ -36,7 +37,7 @@ TIMINGS = ("tokens_per_s", "generate_s", "experience_s", "train_s", "generate_to
 def logged(records: list[dict], kind: str) -> dict[int, dict[str, float]]:
     """{step: metrics} of the records holding `kind` (`loss`: train, `val_loss`: eval, ...),
     without timings and tags."""
-    return {r["step"]: {name: value for name, value in r.items() if name not in ("step", *TIMINGS, *population.TAGS)}
+    return {r["step"]: {name: value for name, value in r.items() if name not in ("step", *TIMINGS, *TAGS)}
             for r in records if kind in r}
 
 
@@ -247,6 +248,25 @@ def test_reward_replica_equals_a_standalone_run(tmp_path, base_run):
                                          ("loss", "val_loss", "gain"))
     normalizations = json.loads((tmp_path / "population" / "reward_normalization.json").read_text())["replicas"]
     assert normalizations[0] != normalizations[1]
+
+
+@pytest.mark.slow
+def test_dpo_beta_axis_replica_equals_a_standalone_run_with_that_beta(tmp_path, base_run):
+    """dpo.beta reaches the objective as a traced keyword; the final evaluation (the implicit
+    reward's pair accuracy, gold) uses each replica's own beta too."""
+    stages.sft(sft_config(base_run, max_steps=2), tmp_path / "sft")
+    cfg = config.replace(
+        config.preset("tiny", "dpo"), model=SMALL, optim=dict(warmup_steps=2), data=dict(world_pairs=64),
+        dpo=dict(gold_prompts=16, max_new_tokens=8),
+        train=dict(batch_size=8, max_steps=3, log_every=1, eval_every=3, eval_batches=1, ckpt_every=3,
+                   progress=False, init_from=str(tmp_path / "sft"), **SINGLE),
+        population=config.PopulationConfig((("dpo.beta", (0.1, 0.5)),)),
+    )
+    stages.dpo(cfg, tmp_path / "population")
+    assert_replica_is_the_standalone_run(stages.dpo, cfg, tmp_path / "population", 1, tmp_path / "alone",
+                                         ("loss", "val_loss", "val_pair_accuracy"),
+                                         config.replace(standalone(cfg, 1), dpo=dict(beta=0.5)))
+    assert replica_log(tmp_path / "population", 0)[3]["loss"] != replica_log(tmp_path / "population", 1)[3]["loss"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,6 +135,12 @@ BAD_SPECS = {
     "metrics": ("command = 'pretrain'\nmetrics = ['loss', 3]\n[grid]\n'optim.lr' = [1e-3]\n", "'metrics'"),
     "frontiers": ("command = 'pretrain'\nfrontiers = [['loss']]\n[grid]\n'optim.lr' = [1e-3]\n", "'frontiers'"),
     "seed override": ("command = 'pretrain'\n[grid]\n'train.seed' = [1, 2]\n", "'train.seed'"),
+    "population override": ("command = 'sft'\n[grid]\n'train.population' = [2]\n", "'train.population'"),
+    "population kind": ("command = 'pretrain'\npopulation = 'yes'\n[grid]\n'optim.lr' = [1e-3]\n", "'population'"),
+    "population pipeline": ("command = 'pipeline'\npopulation = true\n[grid]\n'ppo.kl-coef' = [0.1]\n",
+                            "'population'"),
+    "population seeds": ("command = 'pretrain'\npopulation = true\nseeds = [0, 2]\n[grid]\n'optim.lr' = [1e-3]\n",
+                         "consecutive"),
 }
 
 
@@ -507,3 +513,43 @@ def test_many_metrics_give_a_table_per_cell_with_a_row_per_metric():
     assert "## c: 3 run(s), 3 done, 0 failed" in text
     half = report.t_quantile(0.975, 2) / math.sqrt(3)  # values i, i + 1, i + 2: mean i + 1, sd 1
     assert f"| `m2` | 3 | 1 | 3 | [{3 - half:.4g}, {3 + half:.4g}] |" in text
+
+
+# ---- population sweeps: each cell's seeds as one population run -------------------------------------
+
+
+def test_a_population_sweep_is_one_run_per_cell(tmp_path):
+    spec = load_spec(str(write_spec(tmp_path / "s.toml", seeds=[2, 3, 4], grid={"optim.lr": [1e-3, 3e-3]},
+                                    top="population = true")))
+    runs = plan(spec, [], lambda record: False)
+    assert [r.name for r in runs] == ["lr=0.001/seeds=2-4", "lr=0.003/seeds=2-4"]
+    assert runs[0].argv("/d")[-4:] == ["--train.seed", "2", "--train.population", "3"]
+    assert runs[0].record("/d")["population"] == 3
+    # the same spec without `population` is an ordinary sweep, so a started population run is refused
+    ordinary = load_spec(str(write_spec(tmp_path / "o.toml", seeds=[2, 3, 4], grid={"optim.lr": [1e-3, 3e-3]})))
+    with pytest.raises(config.UserError, match="population 3 -> 1"):
+        plan(ordinary, [run.record("/d") for run in runs], lambda record: True)
+
+
+@pytest.mark.slow  # a population sweep of two 3-step pretraining runs
+def test_population_sweep_report_has_a_row_per_replica(tmp_path):
+    spec = write_spec(tmp_path / "spec.toml", seeds=[0, 1, 2], grid={"optim.lr": [1e-3, 3e-3]},
+                      top="population = true")
+    code, _, err = sweep(spec, tmp_path / "sweep")
+    assert code == 0, err
+    assert sweep(spec, tmp_path / "sweep", "--report")[0] == 0
+    with open(tmp_path / "sweep" / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["cell"], row["seed"], row["replica"]) for row in rows] == [
+        (cell, str(s), str(s)) for cell in ("lr=0.001", "lr=0.003") for s in (0, 1, 2)]
+    for row in rows:
+        run_dir = tmp_path / "sweep" / row["name"]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        own = [r for r in records if r.get("replica") == int(row["replica"])]
+        last = [r for r in own if r["step"] == max(r["step"] for r in own)]
+        assert float(row["loss"]) == [r for r in last if "loss" in r][0]["loss"]
+        assert float(row["val_loss"]) == [r for r in last if "val_loss" in r][0]["val_loss"]
+    assert len({row["loss"] for row in rows}) == 6  # each replica its own seed, each cell its own rate
+    table = [line for line in (tmp_path / "sweep" / "summary.md").read_text().splitlines()
+             if line.startswith("| lr=")]
+    assert len(table) == 2 and all(line.split("|")[2].strip() == "3" for line in table)  # 3 seeds per cell

@@ -1,7 +1,8 @@
 """A sweep's report, from its runs.jsonl and run directories alone (so it works while the sweep
 runs, or after jobs on many hosts wrote into one shared directory):
 
-    DIR/results.csv   one row per run: cell, overrides, seed, status, error, wall seconds, and every
+    DIR/results.csv   one row per run (per replica of a population run, `population = true`): cell,
+                      overrides, seed, replica, status, error, wall seconds, and every
                       final metric (a stage: the merged records of the last step of metrics.jsonl;
                       the pipeline: summary.json's STAGE.METRIC and each stage's last step as STAGE.METRIC)
     DIR/summary.md    one row per cell: each chosen metric's mean, standard deviation, n and 95%
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from genai_jax import replica_log
 from genai_jax.sweeps import runner
 
 METRICS_FILE = "metrics.jsonl"  # genai_jax.rundir.METRICS_FILE (not imported: the report needs no JAX)
@@ -41,12 +43,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_records(run_dir: str) -> list[dict]:
+def read_records(run_dir: str, replica: int | None = None) -> list[dict]:
+    """A run's metrics.jsonl records; of a population run, replica `replica`'s own
+    (`replica_log.replica_records`)."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as file:
-        return [json.loads(line) for line in file if line.strip()]
+        records = [json.loads(line) for line in file if line.strip()]
+    return records if replica is None else replica_log.replica_records(records, replica)
 
 
 def last_step(records: list[dict]) -> dict:
@@ -58,10 +63,11 @@ def last_step(records: list[dict]) -> dict:
     return {name: value for record in records if record["step"] == last for name, value in record.items()}
 
 
-def final_metrics(run_dir: str, command: str) -> dict[str, Any]:
-    """A finished run's final metrics (see the module docstring), `step` left out."""
+def final_metrics(run_dir: str, command: str, replica: int | None = None) -> dict[str, Any]:
+    """A finished run's final metrics (see the module docstring), `step` left out; of a
+    population run, replica `replica`'s."""
     if command != "pipeline":
-        return {k: v for k, v in last_step(read_records(run_dir)).items() if k != "step"}
+        return {k: v for k, v in last_step(read_records(run_dir, replica)).items() if k != "step"}
     metrics = {}
     for stage in runner.PIPELINE_STAGES:
         metrics |= {f"{stage}.{k}": v for k, v in last_step(read_records(os.path.join(run_dir, stage))).items()
@@ -89,14 +95,15 @@ def with_differences(metrics: dict[str, Any], names: list[str]) -> dict[str, Any
     return metrics | derived
 
 
-def metric_curve(run_dir: str, command: str, metric: str) -> dict[int, float]:
-    """{step: value} of a metric in a run's metrics.jsonl (a pipeline's STAGE.METRIC: in STAGE/)."""
+def metric_curve(run_dir: str, command: str, metric: str, replica: int | None = None) -> dict[int, float]:
+    """{step: value} of a metric in a run's metrics.jsonl (a pipeline's STAGE.METRIC: in STAGE/;
+    a population's replica `replica`)."""
     if command == "pipeline":
         stage, _, metric = metric.partition(".")
         if stage not in runner.PIPELINE_STAGES:
             return {}
         run_dir = os.path.join(run_dir, stage)
-    return {record["step"]: record[metric] for record in read_records(run_dir) if _number(record.get(metric))}
+    return {record["step"]: record[metric] for record in read_records(run_dir, replica) if _number(record.get(metric))}
 
 
 @functools.cache
@@ -151,16 +158,20 @@ def summarize(values: list[float]) -> Stat | None:
 
 
 def result_rows(sweep_dir: str, records: list[dict]) -> list[dict]:
-    """One row per recorded run: its status (see runner.effective_status) and final metrics (done runs)."""
+    """One row per recorded run, one per replica of a population run (seed `seed + replica`): its
+    status (see runner.effective_status) and final metrics (done runs)."""
     rows = []
     for record in sorted(records, key=lambda r: r["index"]):
         status = runner.read_status(sweep_dir, record["name"])
         state = runner.effective_status(sweep_dir, record)
         run_dir = os.path.join(sweep_dir, record["name"])
-        rows.append({"index": record["index"], "name": record["name"], "cell": record["cell"], "seed": record["seed"],
-                     "status": state, "error": status.get("error", "") if state == "failed" else "",
-                     "wall_s": status.get("wall_s"), "overrides": record["overrides"],
-                     "metrics": final_metrics(run_dir, record["subcommand"]) if state == "done" else {}})
+        size = record.get("population", 1)
+        for replica in range(size) if size > 1 else (None,):
+            rows.append({"index": record["index"], "name": record["name"], "cell": record["cell"],
+                         "seed": record["seed"] + (replica or 0), "replica": replica, "status": state,
+                         "error": status.get("error", "") if state == "failed" else "",
+                         "wall_s": status.get("wall_s"), "overrides": record["overrides"],
+                         "metrics": final_metrics(run_dir, record["subcommand"], replica) if state == "done" else {}})
     return rows
 
 
@@ -199,7 +210,7 @@ def _csv_value(value: Any) -> Any:
 def write_csv(rows: list[dict], path: str, metrics: list[str]) -> None:
     override_keys = list(dict.fromkeys(k for row in rows for k in row["overrides"]))
     found = sorted({k for row in rows for k in row["metrics"]} - set(metrics))
-    columns = ["index", "name", "cell", "seed", "status", "error", "wall_s", *override_keys, *metrics, *found]
+    columns = ["index", "name", "cell", "seed", "replica", "status", "error", "wall_s", *override_keys, *metrics, *found]
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(columns)
@@ -404,8 +415,8 @@ def write_report(sweep_dir: str, records: list[dict], metrics: list[str], axes: 
         for metric in metrics:
             curves = {}
             for cell in dict.fromkeys(row["cell"] for row in done):
-                per_run = [metric_curve(os.path.join(sweep_dir, row["name"]), commands[row["index"]], metric)
-                           for row in done if row["cell"] == cell]
+                per_run = [metric_curve(os.path.join(sweep_dir, row["name"]), commands[row["index"]], metric,
+                                        row["replica"]) for row in done if row["cell"] == cell]
                 if any(len(curve) > 1 for curve in per_run):
                     curves[cell] = curve_stats(per_run)
             if curves:

@@ -24,13 +24,15 @@ from genai_jax.config import PRESETS, UserError
 
 STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 COMMANDS = (*STAGES, "pipeline")
-TOP_KEYS = ("command", "preset", "seeds", "metrics", "frontiers", "fixed", "grid", "cells", "description")
+TOP_KEYS = ("command", "preset", "seeds", "population", "metrics", "frontiers", "fixed", "grid", "cells",
+            "description")
 # A stage command's flags that are not config fields: the run directories it starts from.
 STAGE_FLAGS = {"init-from": STAGES, "policy": ("ppo",), "reward": ("ppo",)}
 RESERVED = {
     "preset": "set `preset` at the top of the spec",
     "run-dir": "the sweep gives each run its own --run-dir",
     "train.seed": "each run's --train.seed comes from `seeds`",
+    "train.population": "`population = true` at the top of the spec trains each cell's seeds as one population",
 }
 MAX_NAME = 96
 
@@ -119,6 +121,8 @@ class Spec:
     """Every flag the spec sets."""
     frontiers: tuple[tuple[str, str], ...] = ()
     """(x, y) metric pairs the report plots against each other, one point per cell."""
+    population: bool = False
+    """Each cell's seeds as one population run (`--train.population`, docs/population.md)."""
 
 
 def _scalar(value: Any) -> bool:
@@ -185,6 +189,15 @@ def load_spec(path: str) -> Spec:
         raise UserError(f"{path}: key 'seeds' must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
     if len(set(seeds)) < len(seeds):
         raise UserError(f"{path}: key 'seeds' lists a seed twice")
+    population = data.get("population", False)
+    if not isinstance(population, bool):
+        raise UserError(f"{path}: key 'population' must be true or false")
+    if population and command not in STAGES:
+        raise UserError(f"{path}: key 'population' = true: the {command} command trains no population "
+                        f"(one of {', '.join(STAGES)} does)")
+    if population and sorted(seeds) != list(range(min(seeds), min(seeds) + len(seeds))):
+        raise UserError(f"{path}: key 'population' = true trains seeds train.seed + i: key 'seeds' must be "
+                        f"consecutive integers, e.g. seeds = [0, 1, 2] (not {seeds})")
     metrics = data.get("metrics", [])
     if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
         raise UserError(f"{path}: key 'metrics' must be a list of metric names (strings), "
@@ -212,7 +225,8 @@ def load_spec(path: str) -> Spec:
         raise UserError(f"{path}: no key 'grid' or 'cells': add a [grid], or [[cells]] (for seeds alone: "
                         "[[cells]] with name = \"baseline\")")
     return Spec(path=path, command=command, preset=preset, seeds=tuple(seeds), metrics=tuple(metrics), fixed=fixed,
-                axes=axes, cells=cells, keys=keys, frontiers=tuple(tuple(pair) for pair in frontiers))
+                axes=axes, cells=cells, keys=keys, frontiers=tuple(tuple(pair) for pair in frontiers),
+                population=population)
 
 
 def _grid_cells(axes: dict[str, list]) -> tuple[Cell, ...]:
@@ -290,7 +304,8 @@ def _name_cells(given: list[tuple[str | None, dict[str, Any]]]) -> tuple[Cell, .
 
 @dataclass
 class Run:
-    """One (cell, seed) of a sweep: an ordinary run directory made by one command."""
+    """One (cell, seed) of a sweep: an ordinary run directory made by one command; in a
+    population sweep one cell's seeds `seed` ... `seed + population - 1`, as one population run."""
 
     name: str
     cell: str
@@ -303,6 +318,13 @@ class Run:
     args: list[str]
     """The override arguments, --train.seed included."""
     index: int = -1
+    population: int = 1
+
+    @property
+    def seeds_name(self) -> str:
+        """The seed part of its name: `seed=S`, or `seeds=S-E` for a population."""
+        last = self.seed + self.population - 1
+        return f"seed={self.seed}" if self.population == 1 else f"seeds={self.seed}-{last}"
 
     def run_dir(self, sweep_dir: str) -> str:
         return os.path.join(sweep_dir, self.name)
@@ -311,33 +333,39 @@ class Run:
         return ["genai-jax", self.command, "--preset", self.preset, "--run-dir", self.run_dir(sweep_dir), *self.args]
 
     def identity(self) -> tuple:
-        return (self.command, self.preset, self.seed, tuple(sorted(self.flags.items())))
+        return (self.command, self.preset, self.seed, self.population, tuple(sorted(self.flags.items())))
 
     def record(self, sweep_dir: str) -> dict:
         """Its line of runs.jsonl."""
         argv = self.argv(sweep_dir)
         return {"index": self.index, "name": self.name, "cell": self.cell, "overrides": self.overrides,
                 "seed": self.seed, "subcommand": self.command, "preset": self.preset, "flags": self.flags,
-                "run_dir": self.run_dir(sweep_dir), "argv": argv, "command": shlex.join(argv)}
+                "run_dir": self.run_dir(sweep_dir), "argv": argv, "command": shlex.join(argv),
+                **({"population": self.population} if self.population > 1 else {})}
 
 
 def expand(spec: Spec) -> list[Run]:
-    """Every (cell, seed) of the spec, cell by cell, without indices."""
+    """Every (cell, seed) of the spec, cell by cell, without indices; with `population`, one run
+    per cell of all its seeds."""
     runs = []
+    size = len(spec.seeds) if spec.population else 1
     for cell in spec.cells:
         merged = dict(spec.fixed)
         merged.update(cell.overrides)
         args = [arg for flag, value in merged.items() for arg in spec.keys[flag].args(value)]
         flags = {flag: value_text(value) for flag, value in merged.items()}
-        for seed in spec.seeds:
-            runs.append(Run(name=f"{cell.name}/seed={seed}", cell=cell.name, overrides=dict(cell.overrides), seed=seed,
-                            flags=flags, command=spec.command, preset=spec.preset,
-                            args=[*args, "--train.seed", str(seed)]))
+        for seed in (min(spec.seeds),) if spec.population else spec.seeds:
+            run = Run(name="", cell=cell.name, overrides=dict(cell.overrides), seed=seed, flags=flags,
+                      command=spec.command, preset=spec.preset, population=size,
+                      args=[*args, "--train.seed", str(seed), *(["--train.population", str(size)] if size > 1 else [])])
+            run.name = f"{cell.name}/{run.seeds_name}"
+            runs.append(run)
     return runs
 
 
 def _identity(record: dict) -> tuple:
-    return (record["subcommand"], record["preset"], record["seed"], tuple(sorted(record["flags"].items())))
+    return (record["subcommand"], record["preset"], record["seed"], record.get("population", 1),
+            tuple(sorted(record["flags"].items())))
 
 
 def _change(record: dict, proposed: list[Run], spec: Spec) -> str:
@@ -350,7 +378,8 @@ def _change(record: dict, proposed: list[Run], spec: Spec) -> str:
         new = max(pool, key=lambda run: sum(record["flags"].get(k) == v for k, v in run.flags.items()))
         how = f"the spec no longer makes it (nearest: {new.name!r})"
     changes = [f"{what} {old!r} -> {now!r}" for what, old, now in
-               (("command", record["subcommand"], new.command), ("preset", record["preset"], new.preset)) if old != now]
+               (("command", record["subcommand"], new.command), ("preset", record["preset"], new.preset),
+                ("population", record.get("population", 1), new.population)) if old != now]
     if record["seed"] not in spec.seeds:
         changes.append(f"seed {record['seed']} is not in seeds")
     for flag in dict.fromkeys([*record["flags"], *new.flags]):
@@ -385,7 +414,7 @@ def plan(spec: Spec, recorded: list[dict], started: Callable[[dict], bool]) -> l
         cell = alias.get(run.cell, run.cell)
         if kept.get(cell, run.flags) != run.flags:  # the name is a kept cell's, with other settings
             cell = f"{cell}-{_digest(run.flags)}"
-        run.cell, run.name, run.index = cell, f"{cell}/seed={run.seed}", next_index
+        run.cell, run.name, run.index = cell, f"{cell}/{run.seeds_name}", next_index
         next_index += 1
     return sorted(proposed, key=lambda run: run.index)
 
