@@ -110,6 +110,7 @@ def test_replicas_differ_and_the_population_logs_their_mean_and_std(pretrain_pop
     assert boards == ["population_mean", "population_std", "replica_0", "replica_1", "replica_2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", cases(
     "replicas-over-data", **{"replicas-over-data": dict(mesh_data=4, mesh_fsdp=2), "replicas-whole": dict(mesh_data=8)}))
 def test_a_population_on_the_mesh_equals_one_on_one_device(tmp_path, pretrain_population, mesh):
@@ -139,6 +140,7 @@ def test_learning_rate_axis_replica_equals_a_standalone_run_with_that_rate(tmp_p
     assert lrs[1] == pytest.approx(6 * lrs[0])
 
 
+@pytest.mark.slow
 def test_population_resumes_exactly(tmp_path):
     cfg = with_train(pretrain_config(), population=2, max_steps=4, ckpt_every=2)
     stages.pretrain(cfg, tmp_path / "straight")
@@ -272,6 +274,7 @@ def test_dpo_beta_axis_replica_equals_a_standalone_run_with_that_beta(tmp_path, 
 # ---------------------------------------------------------------------------------------------
 # The RL stage: each replica its own prompt order, rollouts, beta and value head
 
+@pytest.mark.slow
 def test_ppo_replica_equals_a_standalone_run(tmp_path, capsys, base_run):
     stages.sft(sft_config(base_run, max_steps=2), tmp_path / "sft")
     cfg = config.replace(
@@ -350,6 +353,7 @@ def test_a_population_cannot_resume_with_another_size(tmp_path, capsys, pretrain
 LORA = dict(rank=4, alpha=8.0)
 
 
+@pytest.mark.slow
 def test_lora_sft_replica_equals_a_standalone_lora_run(tmp_path, base_run):
     cfg = config.replace(sft_config(base_run, population=2), lora=LORA)
     stages.sft(cfg, tmp_path / "population")
