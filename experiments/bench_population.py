@@ -3,6 +3,7 @@ train step (the `tiny` sft preset's model and batch) and a tiny PPO iteration, f
 
     python experiments/bench_population.py                  # both, N = 1 2 4 8
     python experiments/bench_population.py --sizes 1 4 --steps 50 --no-ppo
+    python experiments/bench_population.py --map loop       # train.population_map=loop (jax.lax.map)
 
 SFT: for each N it builds the step `genai_jax.stages.train_stage` trains with (`stages.stage_steps`:
 the ordinary step under `jax.vmap`, every replica its own seed, batch and key), compiles it ahead
@@ -47,13 +48,14 @@ def parse_args():
     parser.add_argument("--no-ppo", dest="ppo", action="store_false", help="time the SFT step only")
     parser.add_argument("--iterations", type=int, default=4, help="PPO iterations per size (the first compiles)")
     parser.add_argument("--prompts", type=int, default=16, help="PPO: prompts per iteration (train.batch_size)")
+    parser.add_argument("--map", default="vmap", choices=["vmap", "loop"], help="train.population_map")
     return parser.parse_args()
 
 
-def sft_config(size: int, batch_size: int | None) -> config_lib.RunConfig:
+def sft_config(size: int, batch_size: int | None, population_map: str) -> config_lib.RunConfig:
     cfg = config_lib.preset("tiny", "sft")
     return config_lib.replace(cfg, model={"vocab_size": 65},
-                              train={"strategy": "single", "population": size,
+                              train={"strategy": "single", "population": size, "population_map": population_map,
                                      "batch_size": batch_size or cfg.train.batch_size})
 
 
@@ -100,7 +102,7 @@ def time_ppo(sft_run: Path, run_dir: Path, size: int, args) -> tuple[float, floa
     a PPO population of `size` against the gold checker, the first iteration left out."""
     cfg = config_lib.replace(
         config_lib.preset("tiny", "ppo"), ppo={"policy": str(sft_run), "reward": "gold", "gold_prompts": 16},
-        train={"population": size, "strategy": "single", "batch_size": args.prompts, "max_steps": args.iterations,
+        train={"population": size, "population_map": args.map, "strategy": "single", "batch_size": args.prompts, "max_steps": args.iterations,
                "eval_every": 10**9, "ckpt_every": 10**9, "progress": False},
     )
     rlhf.ppo(cfg, run_dir)
@@ -124,8 +126,8 @@ def print_table(rows: dict[int, tuple[float, ...]], memory: dict[int, float | No
 
 def main():
     args = parse_args()
-    sft = {size: time_step(sft_config(size, args.batch_size), args.steps, args.repeats) for size in args.sizes}
-    cfg = sft_config(1, args.batch_size)
+    sft = {size: time_step(sft_config(size, args.batch_size, args.map), args.steps, args.repeats) for size in args.sizes}
+    cfg = sft_config(1, args.batch_size, args.map)
     print(f"device={jax.devices()[0].device_kind}\n"
           f"tiny sft step: n_layer={cfg.model.n_layer} d_model={cfg.model.d_model} seq={cfg.model.context_len} "
           f"batch={cfg.train.batch_size} per replica, {args.steps} steps x {args.repeats} rounds (fastest)")

@@ -295,6 +295,10 @@ class TrainConfig:
     population: int = 1
     """Replicas trained together by one compiled step (`jax.vmap` of the step), replica k with
     train.seed + k and its own data order; crossed with any `population` hyperparameter values."""
+    population_map: Literal["vmap", "loop"] = "vmap"
+    """How a population's one program maps the step over its replicas: `vmap` (batched: what an
+    accelerator wants), or `loop` (`jax.lax.map`, one replica after another in the same program:
+    faster than vmap on CPUs, train.strategy=single only; docs/population.md)."""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ def check(cfg: RunConfig, stage: str) -> None:
         raise UserError(f"train.population={cfg.train.population} must be at least 1")
     if not is_population(cfg):
         return
+    if cfg.train.population_map == "loop" and cfg.train.strategy != "single":
+        raise UserError(f"train.population_map=loop runs the replicas in sequence on one device: it needs "
+                        f"train.strategy=single, not {cfg.train.strategy}")
     if cfg.train.strategy == "pmap" or (stage == "ppo" and cfg.train.strategy != "single"):
         raise UserError(f"a population of the {stage} stage runs under train.strategy="
                         f"{'single' if stage == 'ppo' else 'single or mesh'}, not {cfg.train.strategy}")
@@ -188,15 +191,20 @@ class Population:
 
     def map_step(self, make_step: Callable[[dict], Callable]) -> Callable:
         """`make_step(values)(state, batch, rng)`, one replica's step (or eval step) for its
-        `step_values` (an empty dict for an ordinary run), vmapped over stacked states, batches and
-        keys. Evaluation batches are the same for every replica: `stack_like` stacks them."""
+        `step_values` (an empty dict for an ordinary run), mapped over stacked states, batches and
+        keys by `jax.vmap`, or by `jax.lax.map` with train.population_map=loop. Evaluation batches
+        are the same for every replica: `stack_like` stacks them."""
         if not self.stacked:
             return make_step({})
         values = self.step_values()
 
+        def replica_step(state, batch, rng, value):
+            return make_step(value)(state, batch, rng)
+
         def step(states, batches, rngs):
-            return jax.vmap(lambda state, batch, rng, value: make_step(value)(state, batch, rng))(
-                states, batches, rngs, values)
+            if self.cfg.train.population_map == "loop":
+                return jax.lax.map(lambda args: replica_step(*args), (states, batches, rngs, values))
+            return jax.vmap(replica_step)(states, batches, rngs, values)
 
         return step
 

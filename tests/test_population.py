@@ -140,6 +140,15 @@ def test_learning_rate_axis_replica_equals_a_standalone_run_with_that_rate(tmp_p
     assert lrs[1] == pytest.approx(6 * lrs[0])
 
 
+def test_a_looped_population_equals_the_vmapped_one(tmp_path, pretrain_population):
+    """train.population_map=loop (`jax.lax.map`) trains the same replicas as `jax.vmap`."""
+    cfg, run_dir = pretrain_population
+    stages.pretrain(with_train(cfg, population_map="loop"), tmp_path / "loop")
+    for k in range(3):
+        assert_same_log(replica_log(tmp_path / "loop", k), replica_log(run_dir, k))
+        assert_same_log(replica_log(tmp_path / "loop", k, "val_loss"), replica_log(run_dir, k, "val_loss"))
+
+
 @pytest.mark.slow
 def test_population_resumes_exactly(tmp_path):
     cfg = with_train(pretrain_config(), population=2, max_steps=4, ckpt_every=2)
@@ -313,6 +322,8 @@ def test_ppo_replica_equals_a_standalone_run(tmp_path, capsys, base_run):
     (["--population.optim.lr", "1e-3,fast"], ["--population.optim.lr", "expected a number"]),
     (["--train.population", "2", "--train.strategy", "pmap"], ["train.strategy=single or mesh"]),
     (["--train.population", "0"], ["train.population=0"]),
+    (["--train.population", "2", "--train.strategy", "mesh", "--train.population-map", "loop"],
+     ["train.population_map=loop", "train.strategy=single"]),
 ])
 def test_bad_populations_are_refused_in_one_line(tmp_path, capsys, flags, needles):
     argv = ["pretrain", *cli_flags(pretrain_config()), "--run-dir", tmp_path / "run", *flags]
