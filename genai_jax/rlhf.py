@@ -592,7 +592,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
     A population (`population.Population`) samples each replica's rollouts in turn with the
     rollout programs of one replica (its prompts, key and beta), then updates every replica in one
-    vmapped train step per minibatch."""
+    mapped train step per minibatch (`Population.map_step`)."""
     run_dir = epath.Path(run_dir)
     population_lib.check(cfg, "ppo")
     check_algorithm(cfg)
@@ -662,7 +662,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
     writer = rundir.MetricsWriter(run_dir, iteration)
     if iteration == 0:
-        models = jax.eval_shape(partial(lora.merge, cfg=cfg.lora), abstract_state.params)
+        models = jax.eval_shape(population.map(partial(lora.merge, cfg=cfg.lora)), abstract_state.params)
         writer.write({"step": 0, "n_params": count_params(models) // population.size,
                       "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora))
                       // population.size,
