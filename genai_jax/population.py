@@ -36,6 +36,8 @@ HYPERPARAMETERS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "ppo.clip_ratio": (("ppo",), "clip_ratio"),
     "ppo.entropy_coef": (("ppo",), "entropy_coef"),
 }
+
+
 def is_population(cfg: RunConfig) -> bool:
     return cfg.train.population > 1 or bool(cfg.population.axes)
 
@@ -121,6 +123,11 @@ def take(tree, index: int):
     return jax.tree.map(lambda x: x[index], tree)
 
 
+def stack(trees: list):
+    """Trees of one structure, one per replica, stacked on a leading replica axis (numpy)."""
+    return jax.tree.map(lambda *parts: np.stack(parts), *trees)
+
+
 class StackedIterator:
     """One train iterator per replica, their batches stacked on a leading replica axis; its state
     (saved with each checkpoint) is every replica's."""
@@ -132,7 +139,7 @@ class StackedIterator:
         return self
 
     def __next__(self) -> dict:
-        return jax.tree.map(lambda *batches: np.stack(batches), *[next(it) for it in self.iterators])
+        return stack([next(it) for it in self.iterators])
 
     def get_state(self) -> dict:
         return {"replicas": [it.get_state() for it in self.iterators]}
@@ -271,4 +278,4 @@ class Population:
 
     def stack(self, trees: list):
         """One tree per replica as the step takes them: stacked for a population."""
-        return trees[0] if not self.stacked else jax.tree.map(lambda *parts: np.stack(parts), *trees)
+        return trees[0] if not self.stacked else stack(trees)
