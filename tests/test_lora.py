@@ -183,6 +183,7 @@ def saved_state(run_dir):
     return state
 
 
+@pytest.mark.slow
 def test_lora_sft_trains_only_the_adapters(sft_run, base_run):
     state = saved_state(sft_run)
     base_params = runs.load_trained(base_run)[2]
@@ -205,6 +206,7 @@ def test_lora_sft_trains_only_the_adapters(sft_run, base_run):
     assert_flat_close(params, numpy_merge(state.params, SCALE))
 
 
+@pytest.mark.slow
 def test_lora_sft_resumes_exactly(tmp_path, sft_run, base_run):
     run_dir = shutil.copytree(sft_run, tmp_path / "run")
     shutil.rmtree(run_dir / "checkpoints" / str(SFT_STEPS))

@@ -127,6 +127,7 @@ def test_a_population_on_the_mesh_equals_one_on_one_device(tmp_path, pretrain_po
         assert_same_log(replica_log(tmp_path / "mesh", k), replica_log(reference, k))
 
 
+@pytest.mark.slow
 def test_learning_rate_axis_replica_equals_a_standalone_run_with_that_rate(tmp_path):
     cfg = config.replace(pretrain_config(), population=config.PopulationConfig((("optim.lr", (1e-3, 6e-3)),)))
     stages.pretrain(cfg, tmp_path / "population")
@@ -200,12 +201,14 @@ def sft_population(tmp_path_factory, base_run):
     return trained(tmp_path_factory, stages.sft, sft_config(base_run, population=2), "sft")
 
 
+@pytest.mark.slow
 def test_sft_replica_equals_a_standalone_run(tmp_path, sft_population):
     cfg, run_dir = sft_population
     assert_replica_is_the_standalone_run(stages.sft, cfg, run_dir, 1, tmp_path / "alone")
     assert replica_log(run_dir, 0)[4]["loss"] != replica_log(run_dir, 1)[4]["loss"]
 
 
+@pytest.mark.slow
 def test_extract_writes_a_replica_as_an_ordinary_run(tmp_path, capsys, sft_population):
     cfg, run_dir = sft_population
     code, _, err = run_cli(capsys, "extract", "--run", run_dir, "--replica", 1, "--run-dir", tmp_path / "one")
