@@ -139,11 +139,23 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl (none when it has no log yet)."""
+    """The records of a run's metrics.jsonl (none when it has no log yet); a line that is not a
+    JSON object is refused with the file and line."""
     path = epath.Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not a JSON record ({error.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise UserError(f"{path}:{number}: not a metrics record (a JSON object with a 'step')")
+        records.append(record)
+    return records
 
 
 def print_final(stage: str, run_dir, final: dict) -> None:

@@ -90,6 +90,18 @@ def test_relaunch_with_more_steps_resumes(tmp_path, capsys, trained_run):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("line", ['{"step": 2, "loss": 1.', '[1, 2]'], ids=["truncated", "not-a-record"])
+def test_resume_with_a_broken_metrics_line_names_the_file_and_line(tmp_path, capsys, trained_run, line):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    metrics = run_dir / rundir.METRICS_FILE
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], line, *lines[1:]]) + "\n")
+    before = snapshot(run_dir)
+    code, _, err = pretrain(capsys, run_dir, cfg=tiny_run(train={"max_steps": 6}))
+    assert_one_error(code, err, f"{metrics}:2")
+    assert snapshot(run_dir) == before
+
+
 @pytest.mark.parametrize("sampling", [["--temperature", "0"], []], ids=["greedy", "default"])
 def test_generate_prints_prompt_and_new_characters(capsys, trained_run, sampling):
     prompt, new_tokens = "the sum of", 12
