@@ -1,5 +1,6 @@
-"""A population's log read replica by replica (docs/population.md). Kept apart from
-`genai_jax.population`, and free of JAX, because the sweep report reads population runs too.
+"""A run's log (metrics.jsonl) parsed, and a population's log read replica by replica
+(docs/population.md). Kept apart from `genai_jax.rundir` and `genai_jax.population`, and free of
+JAX, because the sweep report reads runs too.
 
 A population's metrics.jsonl holds, per logged step, its mean and std records (`"population":
 "mean"` / `"std"`) and one record per replica tagged with `TAGS`; the records of the whole run
@@ -8,8 +9,29 @@ A population's metrics.jsonl holds, per logged step, its mean and std records (`
 
 from __future__ import annotations
 
+import json
+
+from genai_jax.config import UserError
+
 TAGS = ("replica", "seed", "hyperparameters")
 """What a replica's record carries besides its metrics."""
+
+
+def parse_records(text: str, path) -> list[dict]:
+    """The records of a metrics.jsonl's `text` read from `path`; a line that is not a JSON object
+    with a `step` is refused with the file and line."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not a JSON record ({error.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise UserError(f"{path}:{number}: not a metrics record (a JSON object with a 'step')")
+        records.append(record)
+    return records
 
 
 def replica_records(records: list[dict], index: int) -> list[dict]:

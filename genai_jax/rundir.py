@@ -14,6 +14,7 @@ import jax
 from etils import epath
 
 from genai_jax import config as config_lib
+from genai_jax import replica_log
 from genai_jax.config import RunConfig, UserError
 
 CONFIG_FILE = "config.json"
@@ -144,18 +145,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     path = epath.Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not a JSON record ({error.msg})") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise UserError(f"{path}:{number}: not a metrics record (a JSON object with a 'step')")
-        records.append(record)
-    return records
+    return replica_log.parse_records(path.read_text(), path)
 
 
 def print_final(stage: str, run_dir, final: dict) -> None:

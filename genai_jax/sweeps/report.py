@@ -50,7 +50,7 @@ def read_records(run_dir: str, replica: int | None = None) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as file:
-        records = [json.loads(line) for line in file if line.strip()]
+        records = replica_log.parse_records(file.read(), path)
     return records if replica is None else replica_log.replica_records(records, replica)
 
 
