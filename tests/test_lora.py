@@ -15,7 +15,8 @@ import torch
 import transformers
 from conftest import assert_one_error, cli_flags, init, random_tokens, run_cli, snapshot, tiny_model, tiny_run
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors.numpy import load_file
+from peft import PeftModel
+from safetensors.numpy import load_file, save_file
 
 from genai_jax import cli, config, hf, lora, rlhf, rundir, runs, stages
 from genai_jax.checkpoint import Checkpointer
@@ -256,10 +257,10 @@ def test_export_hf_writes_the_merged_model(tmp_path, sft_run):
     np.testing.assert_allclose(np.asarray(GPT(cfg.model).apply(params, tokens)), theirs, atol=1e-4)
 
 
-def test_peft_adapter_tensors_of_fused_and_untied_kernels():
+def test_peft_adapter_tensors_of_fused_and_untied_kernels(tmp_path):
     """Llama's q|k|v and gate|up fuse into one kernel here: each Hugging Face module gets the
     kernel's A and its columns of B, and PEFT's delta scale * B @ A of every module is the
-    merged export's tensor minus the base export's (lm_head too, untied)."""
+    merged export's tensor minus the base export's (lm_head too, untied); PEFT itself loads them."""
     cfg = tiny_model(positions="rope", norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, tie_embeddings=False)
     targets = LoRAConfig(rank=3, alpha=6.0, targets="kernel")
     tree = randomized(lora.wrap(init(cfg), targets, jax.random.PRNGKey(0)))
@@ -280,6 +281,22 @@ def test_peft_adapter_tensors_of_fused_and_untied_kernels():
         assert a.shape[0] == b.shape[1] == 3
         np.testing.assert_allclose(base[module + ".weight"] + 2.0 * b @ a, merged[module + ".weight"],
                                    rtol=1e-5, atol=1e-6, err_msg=module)
+
+    # PEFT loads them onto transformers' Llama holding the base, and gives this model's merged logits
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf.hf_config("llama", cfg, None))).eval()
+    hf_model.load_state_dict({name: torch.tensor(x, dtype=torch.float32) for name, x in base.items()})
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / hf.ADAPTER_CONFIG).write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 3, "lora_alpha": 6.0, "lora_dropout": 0.0,
+        "bias": "none", "target_modules": sorted(module.removeprefix("model.") for module in modules)}))
+    save_file(tensors, folder / hf.ADAPTER_FILE, metadata={"format": "pt"})
+    peft_model = PeftModel.from_pretrained(hf_model, folder).eval()
+    tokens = random_tokens((2, 12), vocab=cfg.vocab_size)
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(GPT(cfg).apply(lora.merge(tree, targets), tokens))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
 def test_export_hf_adapter_only_is_peft_s_adapter(tmp_path, capsys, sft_run, base_run):
@@ -306,6 +323,16 @@ def test_export_hf_adapter_only_is_peft_s_adapter(tmp_path, capsys, sft_run, bas
                                    rtol=1e-5, atol=1e-6, err_msg=module)
     untouched = [name for name in base if not any(name.startswith(m + ".weight") for m in modules)]
     assert untouched and all(np.array_equal(base[name], merged[name]) for name in untouched)
+    # PEFT itself loads the folder onto the base export and gives the merged export's logits
+    peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                           tmp_path / "adapter").eval()
+    merged_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokens = torch.tensor(random_tokens((2, 12), vocab=rundir.read_config(sft_run).model.vocab_size))
+    with torch.no_grad():
+        theirs, ours = peft_model(tokens).logits.numpy(), merged_model(tokens).logits.numpy()
+    assert not np.allclose(theirs, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")(tokens)
+                           .logits.detach().numpy(), atol=1e-3)  # the adapters are really applied
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
     code, _, err = run_cli(capsys, "export-hf", "--run", base_run, "--out", tmp_path / "none", "--adapter-only")
     assert_one_error(code, err, "--adapter-only", "not a LoRA run")
     assert not (tmp_path / "none").exists()
