@@ -169,6 +169,9 @@ class ImportHFArgs:
     """The Hugging Face model folder."""
     run_dir: str
     """The run directory to create (must be new or empty)."""
+    fsdp: int = 1
+    """Put each parameter onto this many devices as FSDP shards as it is read (as train.mesh-fsdp
+    splits them), for a model that does not fit one device; 1: the whole model on the first."""
 
 
 @dataclass(frozen=True)
@@ -387,7 +390,7 @@ def cmd_import_hf(argv: list[str]) -> None:
     from genai_jax import hf
 
     args = tyro.cli(ImportHFArgs, args=argv, prog="genai-jax import-hf")
-    hf.import_hf(args.source, args.run_dir)
+    hf.import_hf(args.source, args.run_dir, args.fsdp)
 
 
 def cmd_export_hf(argv: list[str]) -> None:

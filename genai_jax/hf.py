@@ -35,7 +35,7 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig, ModelConfig, RunConfig, UserError
 from genai_jax.distributed import say
 from genai_jax.model import grow_vocab, init_params, mlp_hidden
-from genai_jax.parallel import host_peak_mib
+from genai_jax.parallel import Mesh, host_peak_mib
 from genai_jax.reward import NORMALIZATION_FILE, load_normalization
 from genai_jax.runs import load_saved, load_trained, with_vocab
 from genai_jax.tokenizer import HFTokenizer
@@ -357,16 +357,21 @@ def check_tensors(family: str, cfg: ModelConfig, files: dict[str, epath.Path], f
     return table
 
 
-def read_params(table: list[Link], files: dict[str, epath.Path]) -> dict:
+def read_params(table: list[Link], files: dict[str, epath.Path], shardings: dict | None = None) -> dict:
     """The param tree, read tensor by tensor (each converted to float32 as it is placed, so the
-    checkpoint never sits in memory whole beside the params)."""
+    checkpoint never sits in memory whole beside the params): on the default device, or with
+    `shardings` (a tree like the params', `Mesh.model_sharding`) each param made on the host and
+    put straight onto its devices as FSDP shards, so no device holds the whole model."""
     params: dict = {}
+    staging = None if shardings is None else jax.devices("cpu")[0]
     with contextlib.ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(os.fspath(file), framework="flax"))
                    for file in sorted(set(files.values()))}
         for link in table:
-            parts = [jnp.asarray(handles[files[name]].get_tensor(name), jnp.float32) for name in link.names]
-            _set(params, link.path, link.fuse(parts))
+            with jax.default_device(staging):
+                param = link.fuse([jnp.asarray(handles[files[name]].get_tensor(name), jnp.float32)
+                                   for name in link.names])
+            _set(params, link.path, param if shardings is None else jax.device_put(param, _get(shardings, link.path)))
     return {"params": params}
 
 
@@ -387,16 +392,26 @@ def _check_empty(directory: epath.Path, flag: str) -> None:
         raise UserError(f"{flag} {directory} is not empty; choose a new directory")
 
 
-def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
+def _import_mesh(fsdp: int) -> Mesh | None:
+    """The mesh an import with `--fsdp` places its params on (None: the first device)."""
+    if fsdp < 1 or jax.device_count() % fsdp:
+        raise UserError(f"--fsdp {fsdp} does not divide the {jax.device_count()} devices")
+    return Mesh(fsdp=fsdp) if fsdp > 1 else None
+
+
+def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike, fsdp: int = 1) -> dict:
     """Make `run_dir` a run directory holding the Hugging Face model in `folder`: its config as
     this project's (model section from config.json, data.tokenizer=hf), its tokenizer, and a step-0
     checkpoint of the params alone (`runs.load_trained` reads only those) that every stage and
     command loads. A model
     without a chat template gets this project's role and end-of-turn tokens, and its embedding
-    grows if they do not fit in its vocabulary (`grow_vocab`). Every
+    grows if they do not fit in its vocabulary (`grow_vocab`). With `fsdp` > 1 each parameter
+    goes onto the devices as FSDP shards over `fsdp` of them as it is read (`read_params`), the
+    way `train.mesh_fsdp` splits them, for a model that does not fit one device. Every
     check runs before anything is written. Returns the import's record (also in metrics.jsonl)."""
     start = time.perf_counter()
     folder, run_dir = epath.Path(folder), epath.Path(run_dir)
+    mesh = _import_mesh(fsdp)
     family, source_cfg = model_config(_read_config(folder), str(folder / rundir.CONFIG_FILE))
     tokenizer = HFTokenizer.from_path(folder)
     if tokenizer.chat_template is None:  # chats will use this project's template: add its tokens
@@ -408,9 +423,11 @@ def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
     table = check_tensors(family, source_cfg, files, folder)
     _check_empty(run_dir, "--run-dir")
 
-    params = read_params(table, files)
+    shardings = None if mesh is None else mesh.model_sharding(_abstract_params(source_cfg))
+    params = read_params(table, files, shardings)
     if model_cfg.vocab_size > source_cfg.vocab_size:
         params = grow_vocab(params, model_cfg.vocab_size)
+        params = mesh.place_model(params) if mesh else params  # the grown embedding as shards too
     rundir.write_config(run_dir, cfg)
     tokenizer.save(run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints")
@@ -419,12 +436,13 @@ def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
     record = {"step": 0, "imported_from": os.fspath(folder), "family": family,
               "n_params": sum(x.size for x in jax.tree.leaves(params)),
               "chat_template": "model" if tokenizer.chat_template is not None else "genai-jax",
-              "source_vocab_size": source_cfg.vocab_size,
+              "source_vocab_size": source_cfg.vocab_size, "fsdp": fsdp,
               "import_seconds": time.perf_counter() - start, "host_peak_mib": host_peak_mib()}
     writer = rundir.MetricsWriter(run_dir)
     writer.write(record)
     writer.close()
-    say(f"imported {family} ({record['n_params']:,} params) from {folder} into {run_dir} in "
+    placed = f" as FSDP shards over {fsdp} devices" if mesh else ""
+    say(f"imported {family} ({record['n_params']:,} params) from {folder} into {run_dir}{placed} in "
         f"{record['import_seconds']:.1f} s; host memory peak {record['host_peak_mib']:.0f} MiB")
     return record
 

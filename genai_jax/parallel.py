@@ -42,6 +42,16 @@ class Reduction(NamedTuple):
         return {name: (self.max if is_maximum(name) else self.mean)(value) for name, value in metrics.items()}
 
 
+def closed_over_as_arguments(fn: Callable[[], Any]) -> tuple[Callable, list]:
+    """(program, arrays) with `program(*arrays) == fn()`, where `arrays` are what `fn` closes over
+    (a fine-tuning stage's loaded params). `jax.jit(fn)` would capture them as constants of its
+    program: compiled into it, slow for large models (JAX warns above 2 GB) and placed wherever
+    they already are; as arguments they can be placed first (FSDP shards under `mesh`)."""
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)()
+    structure = jax.tree.structure(out_shape)
+    return (lambda *arrays: jax.tree.unflatten(structure, jax.core.eval_jaxpr(closed.jaxpr, arrays))), closed.consts
+
+
 def compile_ahead(jitted, example: tuple | None):
     """`jitted` compiled now for arguments like `example`: a `jax.stages.Compiled`, so shape errors
     and a step too big for the device fail before training, and `memory_mib` can read its buffers.
@@ -168,9 +178,12 @@ class Single:
         return jax.jit(eval_fn)
 
     def compile_init(self, init_fn: Callable, abstract_state):
-        # Committed to the device like the states steps return, so the first step's output does
-        # not trigger a second compilation of the eval step.
-        return jax.jit(init_fn, out_shardings=jax.sharding.SingleDeviceSharding(self.device))
+        """`init_fn()` as one program (`closed_over_as_arguments`), its output committed to the
+        device like the states steps return, so the first step's output does not trigger a second
+        compilation of the eval step."""
+        program, arrays = closed_over_as_arguments(init_fn)
+        jitted = jax.jit(program, out_shardings=jax.sharding.SingleDeviceSharding(self.device))
+        return lambda: jitted(*self.place_state(arrays))
 
     def state_to_host(self, state):
         return state
@@ -187,6 +200,14 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
         if shape[axis] % fsdp == 0:
             return P(*([None] * axis + ["fsdp"]))
     return P()
+
+
+def _placed(tree, shardings):
+    """`tree` put on `shardings`, from every process's whole copy when there are several (arrays on
+    one local device cannot move to other hosts: they go via numpy)."""
+    if jax.process_count() > 1:
+        tree = jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True) else x, tree)
+    return jax.device_put(tree, shardings)
 
 
 class Mesh:
@@ -229,16 +250,22 @@ class Mesh:
         axis, when replicas split over data)."""
         return self.fsdp if self.replica_axis else jax.local_device_count()
 
+    def model_sharding(self, tree):
+        """FSDP shardings (`fsdp_spec`) of arrays without a replica axis: one model's params."""
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(np.shape(x), self.fsdp)), tree)
+
     def state_sharding(self, abstract_state):
         if self.population is None:
-            return jax.tree.map(lambda x: NamedSharding(self.mesh, fsdp_spec(x.shape, self.fsdp)), abstract_state)
+            return self.model_sharding(abstract_state)
         return jax.tree.map(
             lambda x: NamedSharding(self.mesh, P(self.replica_axis, *fsdp_spec(x.shape[1:], self.fsdp))), abstract_state)
 
     def place_state(self, state):
-        if jax.process_count() > 1:  # arrays on one local device cannot move to other hosts: via numpy
-            state = jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True) else x, state)
-        return jax.device_put(state, self.state_sharding(state))
+        return _placed(state, self.state_sharding(state))
+
+    def place_model(self, params):
+        """Params without a replica axis (loaded for a fine-tuning stage, frozen models) as FSDP shards."""
+        return _placed(params, self.model_sharding(params))
 
     def place_batch(self, batch):
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
@@ -277,7 +304,12 @@ class Mesh:
         ))
 
     def compile_init(self, init_fn: Callable, abstract_state):
-        return jax.jit(init_fn, out_shardings=self.state_sharding(abstract_state))
+        """`init_fn()` as one program whose output is the sharded state: what it closes over (the
+        loaded params of a fine-tuning stage) goes in as FSDP shards (`closed_over_as_arguments`),
+        so no device ever holds the whole state (Adam's moments included)."""
+        program, arrays = closed_over_as_arguments(init_fn)
+        jitted = jax.jit(program, out_shardings=self.state_sharding(abstract_state))
+        return lambda: jitted(*self.place_model(arrays))
 
     def state_to_host(self, state):
         return state
@@ -326,7 +358,8 @@ class Pmap:
         return self._pmap(eval_fn, donate=False)
 
     def compile_init(self, init_fn: Callable, abstract_state):
-        return lambda: self.place_state(jax.jit(init_fn)())
+        program, arrays = closed_over_as_arguments(init_fn)
+        return lambda: self.place_state(jax.jit(program)(*arrays))
 
     def state_to_host(self, state):
         return jax.tree.map(lambda x: x[0], state)

@@ -403,7 +403,8 @@ class _Placement:
         self.strategy = strategy
 
     def params(self, tree):
-        return self.strategy.place_state(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
+        """A frozen model's params: FSDP shards under `mesh`, whole on the first device otherwise."""
+        return self.strategy.place_model(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
 
     def rows(self, tree):
         return self.strategy.place_global(tree) if self.mesh else jax.device_put(tree, jax.local_devices()[0])
@@ -611,10 +612,10 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     if checkpointer.latest_step() is not None:
         state, progress = checkpointer.restore(restore_target(abstract_state, strategy))
         iteration, betas = int(progress["iteration"]), [float(b) for b in population.read_result(progress["beta"])]
+        state = strategy.place_state(state)
     else:
-        state, iteration = init_fn(), 0
+        state, iteration = strategy.compile_init(init_fn, abstract_state)(), 0
         betas = [dict(replica.values).get("ppo.kl_coef", cfg.ppo.kl_coef) for replica in population.replicas]
-    state = strategy.place_state(state)
     placement = _Placement(strategy)
     frozen = frozen_models(cfg, placement, sft_params, reward_params, normalization)
     # The loaded models live on only where the state or `frozen` holds them (with LoRA, nowhere else).

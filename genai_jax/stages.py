@@ -93,10 +93,8 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
         state, data_state = checkpointer.restore(restore_target(abstract_state, strategy))
         state = strategy.place_state(state)
         train_iter.set_state(data_state)
-    elif initial_params is not None:
-        state = strategy.place_state(make_stage_init_fn(cfg, initial_params)())
     else:
-        state = strategy.compile_init(init_fn, abstract_state)()
+        state = strategy.compile_init(make_stage_init_fn(cfg, initial_params), abstract_state)()
     start_step = int(to_host(strategy.state_to_host(state).step).flat[0])
 
     train_step, eval_step = stage_steps(cfg, population, make_objective, strategy.reduce)

@@ -13,6 +13,7 @@ import torch
 import transformers
 from conftest import assert_one_error, assert_trees_close, init, run_cli, tiny_model
 from etils import epath
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -21,6 +22,7 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig, RunConfig, UserError
 from genai_jax.model import GPT, init_cache, with_scalar_head
 from genai_jax.optim import make_optimizer
+from genai_jax.parallel import Mesh, fsdp_spec
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import (CharTokenizer, HFTokenizer, build_tokenizer, decode_response, encode_chat,
                                  load_tokenizer, stop_ids)
@@ -166,6 +168,40 @@ def test_sharded_checkpoint_imports_the_same_params(tmp_path):
     hf.import_hf(tmp_path / "sharded", tmp_path / "run-sharded")
     assert_trees_close(runs.load_trained(tmp_path / "run")[2], runs.load_trained(tmp_path / "run-sharded")[2],
                        rtol=0, atol=0)
+
+
+def test_an_fsdp_import_puts_each_param_on_its_shards_and_saves_the_same_params(tmp_path, capsys):
+    """--fsdp 4: the large params arrive split over 4 of the 8 devices (a quarter each), the small
+    ones replicated as `fsdp_spec` has it, and the run holds exactly the one-device import's params."""
+    save_model("llama-kv2-untied", tmp_path / "hf", hidden_size=64, intermediate_size=256)
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+    code, out, err = run_cli(capsys, "import-hf", "--from", tmp_path / "hf", "--run-dir", tmp_path / "run-fsdp",
+                             "--fsdp", 4)
+    assert code == 0 and "as FSDP shards over 4 devices" in out, err
+    assert rundir.read_metrics(tmp_path / "run-fsdp")[0]["fsdp"] == 4
+    assert_trees_close(runs.load_trained(tmp_path / "run")[2], runs.load_trained(tmp_path / "run-fsdp")[2],
+                       rtol=0, atol=0)
+
+    family, cfg = hf.model_config(json.loads((tmp_path / "hf" / "config.json").read_text()), "config.json")
+    files = hf.tensor_files(epath.Path(tmp_path / "hf"))
+    table = hf.check_tensors(family, cfg, files, tmp_path / "hf")
+    mesh = Mesh(fsdp=4)
+    abstract = jax.eval_shape(lambda: hf.read_params(table, files))
+    placed = hf.read_params(table, files, mesh.model_sharding(abstract["params"]))
+    split = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(placed)[0]:
+        spec = fsdp_spec(x.shape, 4)
+        assert x.sharding.spec == spec, path
+        if spec != P():
+            split += 1
+            assert {shard.data.size for shard in x.addressable_shards} == {x.size // 4}, path
+    assert split == 2 * 2 + 2  # each layer's MLP kernels, the embedding and the untied head (qkv is too small)
+    assert_trees_close(placed, hf.read_params(table, files), rtol=0, atol=0)
+
+    code, _, err = run_cli(capsys, "import-hf", "--from", tmp_path / "hf", "--run-dir", tmp_path / "run-3",
+                           "--fsdp", 3)
+    assert_one_error(code, err, "--fsdp 3 does not divide the 8 devices")
+    assert not (tmp_path / "run-3").exists()
 
 
 def test_a_bfloat16_checkpoint_imports_as_float32(tmp_path):
