@@ -225,11 +225,33 @@ class Population:
             return jax.random.fold_in(rng, step)
         return jax.vmap(jax.random.fold_in, (0, None))(rng, step)
 
+    def sources(self, source) -> list:
+        """One random-access source per replica: `source` itself when it is a list of them (data
+        of each replica's own, the reward stage's from an SFT population), else `source` for every
+        replica."""
+        return source if isinstance(source, list) else [source] * self.size
+
+    def first_source(self, source):
+        """Replica 0's source (every replica's rows have its shapes)."""
+        return self.sources(source)[0]
+
     def train_iterator(self, source, batch_size: int):
-        """Batches in each replica's data order (`data.order_seed` + its seed offset)."""
+        """Batches of each replica's source (`sources`) in its data order (`data.order_seed` + its
+        seed offset)."""
         if not self.stacked:
-            return loader.train_iterator(source, batch_size, seed=self.cfg.data.order_seed)
-        return StackedIterator([loader.train_iterator(source, batch_size, seed=r.order_seed) for r in self.replicas])
+            return loader.train_iterator(self.first_source(source), batch_size, seed=self.cfg.data.order_seed)
+        return StackedIterator([loader.train_iterator(replica_source, batch_size, seed=r.order_seed)
+                                for r, replica_source in zip(self.replicas, self.sources(source), strict=True)])
+
+    def validation_batches(self, source, batch_size: int, max_batches: int, seed: int) -> list:
+        """`loader.validation_batches` as the eval step takes them: one source's batches stacked
+        by broadcasting (the same for every replica), or the batches of each replica's own source
+        stacked (as many as the smallest source fills)."""
+        if not isinstance(source, list):
+            return [self.stack_like(batch) for batch in loader.validation_batches(source, batch_size, max_batches, seed)]
+        per_replica = [loader.validation_batches(replica_source, batch_size, max_batches, seed)
+                       for replica_source in self.sources(source)]
+        return [self.stack(list(batches)) for batches in zip(*per_replica)]
 
     def stack_like(self, tree):
         """`tree` with a leading replica axis (broadcast), as the population's batches have one."""

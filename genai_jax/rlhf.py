@@ -55,7 +55,7 @@ from genai_jax.objectives.ptx import make_ptx_objective
 from genai_jax.optim import make_ppo_optimizer
 from genai_jax.parallel import (Mesh, compile_step, host_copy, host_peak_mib, make_strategy, peak_record, report_memory,
                                 to_host)
-from genai_jax.runs import final_record, load_trained, make_ppo_init_fn, open_run, restore_target
+from genai_jax.runs import final_record, load_replicas, make_ppo_init_fn, open_run, restore_target
 from genai_jax.sampling import generate, is_stop
 from genai_jax.tokenizer import Tokenizer, decode_response, encode_chat, stop_ids
 from genai_jax.train import Preempted, PreemptionGuard, make_train_step
@@ -216,14 +216,17 @@ def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
 
 
 def load_models(cfg: RunConfig):
-    """(config with the policy's model, tokenizer, SFT params, value model's initial params as a
-    function of the replica's seed, reward params, normalisation), refusing runs that cannot work
-    together. With `ppo.reward=gold` there is no reward model (None, None) and the value model
-    starts from the SFT trunk with a head of its seed + 1; an algorithm without a value model gets
-    None for it."""
+    """(config with the policy's model, tokenizer, and per replica `index`: its SFT params
+    `policy(index)`, its value model's initial params `value(index, seed)`, its reward params
+    `reward(index)` and normalisation `normalization(index)`), refusing runs that cannot work
+    together. `--policy` and `--reward` may each be a population of as many replicas as this run
+    has: replica i then gets replica i's (`runs.load_replicas`; `index` may be traced). With
+    `ppo.reward=gold` there is no reward model (None, None) and the value model starts from the
+    SFT trunk with a head of its seed + 1; an algorithm without a value model gets None for it."""
     if not cfg.ppo.policy or not cfg.ppo.reward:
         raise UserError("ppo needs --policy SFT_RUN and --reward REWARD_RUN (or gold)")
-    policy_cfg, tokenizer, sft_params = load_trained(cfg.ppo.policy)
+    size = population_lib.Population(cfg).size
+    policy_cfg, tokenizer, policy, _ = load_replicas(cfg.ppo.policy, size, "--policy")
     if policy_cfg.model.head != "lm":
         raise UserError(f"--policy {cfg.ppo.policy} is not a policy run (model.head={policy_cfg.model.head})")
     model = dataclasses.replace(policy_cfg.model, dropout=0.0, head="lm")
@@ -231,10 +234,10 @@ def load_models(cfg: RunConfig):
     if cfg.ppo.reward == GOLD_REWARD or cfg.ppo.reward.startswith(CODE_REWARD):
         if cfg.ppo.reward == GOLD_REWARD and cfg.data.resolved_source != "world":
             raise UserError("--reward gold needs the task world's prompts (data.source=world)")
-        value_params = ((lambda seed: with_scalar_head(sft_params, model, jax.random.PRNGKey(seed + 1)))
-                        if cfg.ppo.has_value_model else None)
-        return cfg, tokenizer, sft_params, value_params, None, None
-    reward_cfg, reward_tokenizer, reward_params = load_trained(cfg.ppo.reward)
+        value = ((lambda index, seed: with_scalar_head(policy(index), model, jax.random.PRNGKey(seed + 1)))
+                 if cfg.ppo.has_value_model else None)
+        return cfg, tokenizer, policy, value, None, None
+    reward_cfg, reward_tokenizer, reward, _ = load_replicas(cfg.ppo.reward, size, "--reward")
     if reward_cfg.model.head != "scalar":
         raise UserError(f"--reward {cfg.ppo.reward} is not a reward model run (model.head={reward_cfg.model.head})")
     mismatched = [n for n in config_lib.diff(policy_cfg.model, reward_cfg.model) if n not in ("dropout", "head")]
@@ -243,9 +246,13 @@ def load_models(cfg: RunConfig):
                         f"{', '.join('model.' + n for n in mismatched)}")
     if not _same_vocabulary(tokenizer, reward_tokenizer):
         raise UserError(f"--reward {cfg.ppo.reward} and --policy {cfg.ppo.policy} use different tokenizers")
-    normalization = reward_lib.load_normalization(cfg.ppo.reward)
-    value_params = (lambda seed: reward_params) if cfg.ppo.has_value_model else None
-    return cfg, tokenizer, sft_params, value_params, reward_params, normalization
+    saved_normalization = reward_lib.load_normalization(cfg.ppo.reward)
+
+    def normalization(index: int) -> dict:
+        return population_lib.replica_part(saved_normalization, index)
+
+    value = (lambda index, seed: reward(index)) if cfg.ppo.has_value_model else None
+    return cfg, tokenizer, policy, value, reward, normalization
 
 
 def rollouts_per_iteration(cfg: RunConfig) -> int:
@@ -575,10 +582,10 @@ def rl_objective(cfg: RunConfig, **coefficients):
 
 
 def frozen_models(cfg: RunConfig, placement: "_Placement", sft_params, reward_params, normalization) -> dict:
-    """The rollout's frozen models: the reference (the SFT policy) and the reward model with its
-    normalisation (None for host scores). With lora.rank > 0 the reference is the policy's base in
-    the train state, and so is the reward model where it is the value model's base (None here:
-    `experience` reads them there), so neither is held twice."""
+    """One replica's frozen models in its rollout: the reference (the SFT policy) and the reward
+    model with its normalisation (None for host scores). With lora.rank > 0 the reference is the
+    policy's base in the train state, and so is the reward model where it is the value model's
+    base (None here: `experience` reads them there), so neither is held twice."""
     shared = cfg.lora.rank > 0
     frozen = {"reference": None if shared else placement.params(sft_params), "reward": None, "normalization": None}
     if reward_params is not None:
@@ -617,7 +624,9 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         state, iteration = strategy.compile_init(init_fn, abstract_state)(), 0
         betas = [dict(replica.values).get("ppo.kl_coef", cfg.ppo.kl_coef) for replica in population.replicas]
     placement = _Placement(strategy)
-    frozen = frozen_models(cfg, placement, sft_params, reward_params, normalization)
+    # Each replica's; the same arrays for all where the policy and reward runs are no population.
+    frozen = [frozen_models(cfg, placement, sft_params(index), reward_params and reward_params(index),
+                            normalization and normalization(index)) for index in range(population.size)]
     # The loaded models live on only where the state or `frozen` holds them (with LoRA, nowhere else).
     del init_fn, sft_params, value_params, reward_params
     end_ids = stop_ids(tokenizer)
@@ -627,7 +636,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         return [params for _, params in population.split(strategy.state_to_host(state).params)]
 
     train_batch, rollout_memory = compile_rollout(
-        cfg, replica_params()[0], frozen, prompts, placement, end_ids=end_ids, pad_id=tokenizer.pad_id,
+        cfg, replica_params()[0], frozen[0], prompts, placement, end_ids=end_ids, pad_id=tokenizer.pad_id,
         gold=score_responses is not None)
 
     def replica_step(values: dict):
@@ -684,12 +693,12 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
             while iteration < cfg.train.max_steps:
                 keys = population.keys(base_rng, iteration)
                 rollouts = []
-                for (replica, key), params, beta in zip(population.split(keys), replica_params(), betas):
+                for (replica, key), params, beta, models in zip(population.split(keys), replica_params(), betas, frozen):
                     rows = np.repeat(prompt_rows(len(prompts.tokens), cfg.train.batch_size, iteration,
                                                  replica.order_seed), cfg.ppo.group_size)
                     with placement.context():
                         response, batch, stats, timings = rollout(
-                            cfg, params, frozen, prompts, rows, beta, key, placement, end_ids=end_ids,
+                            cfg, params, models, prompts, rows, beta, key, placement, end_ids=end_ids,
                             pad_id=tokenizer.pad_id, score_responses=score_responses)
                     rollouts.append((rows, response, batch, stats, timings))
                 start = time.perf_counter()

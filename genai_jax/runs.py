@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -117,19 +118,20 @@ def make_stage_init_fn(cfg: RunConfig, initial_params=None):
 def make_ppo_init_fn(cfg: RunConfig, policy_params=None, value_params=None):
     """TrainState init for an RLHF run's {"policy", "value"} ({"policy"} for an algorithm without
     a value model), stacked over a population's replicas: the policy from a copy of
-    `policy_params`, the value model from a copy of `value_params(seed)` (each replica's own head
-    init where it gets a new one); with no params given, random ones of the right shape (enough
-    for `jax.eval_shape`, to restore checkpoints into); one LoRA tree of both with lora.rank > 0
-    (each replica's adapters from its own key)."""
+    `policy_params(index)`, the value model from a copy of `value_params(index, seed)` of each
+    replica (its own head init where it gets a new one; replica i's own models where they come
+    from a population, `load_replicas`); with no params given, random ones of the right shape
+    (enough for `jax.eval_shape`, to restore checkpoints into); one LoRA tree of both with
+    lora.rank > 0 (each replica's adapters from its own key)."""
 
     def make(index, seed):
         def init(key):
             policy_key, value_key = jax.random.split(key)
             params = {"policy": init_params(cfg.model, policy_key, "lm") if policy_params is None
-                      else jax.tree.map(jnp.array, policy_params)}
+                      else jax.tree.map(jnp.array, policy_params(index))}
             if cfg.ppo.has_value_model:
                 params["value"] = (init_params(cfg.model, value_key, "scalar") if value_params is None
-                                   else jax.tree.map(jnp.array, value_params(seed)))
+                                   else jax.tree.map(jnp.array, value_params(index, seed)))
             return params
 
         return make_init_fn(_lora_wrapped(cfg, init), optimizer, seed)
@@ -147,9 +149,15 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict
     """(config, tokenizer, params) of a run's latest checkpoint, on the default device: ordinary
     params (a LoRA run's adapters merged into its base; an RLHF run's policy)."""
     cfg, tokenizer, params = load_saved(run_dir)
+    return cfg, tokenizer, model_params(cfg, params)
+
+
+def model_params(cfg: RunConfig, params) -> dict:
+    """The params of a run's train state as the model takes them: a LoRA tree merged, an RLHF
+    run's policy."""
     if cfg.ppo.policy:
-        return cfg, tokenizer, lora.merge_part(params, "policy", cfg.lora)
-    return cfg, tokenizer, lora.merge(params, cfg.lora)
+        return lora.merge_part(params, "policy", cfg.lora)
+    return lora.merge(params, cfg.lora)
 
 
 def load_saved(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
@@ -166,11 +174,30 @@ def load_saved(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
 
 def load_population(run_dir: str | os.PathLike) -> tuple[RunConfig, Tokenizer, dict]:
     """(config, tokenizer, params stacked over the replicas) of a population run's latest
-    checkpoint, ordinary params (a LoRA population's adapters merged)."""
+    checkpoint, ordinary params (`model_params` of each replica's)."""
     run_dir = epath.Path(run_dir)
     cfg = rundir.read_config(run_dir)
-    params = restore_params(run_dir, make_stage_init_fn(cfg))
-    return cfg, load_tokenizer(run_dir), population_lib.Population(cfg).map(partial(lora.merge, cfg=cfg.lora))(params)
+    params = restore_params(run_dir, make_run_init_fn(cfg))
+    return cfg, load_tokenizer(run_dir), population_lib.Population(cfg).map(partial(model_params, cfg))(params)
+
+
+def load_replicas(run_dir: str | os.PathLike, size: int, flag: str) -> tuple[RunConfig, Tokenizer, Callable, bool]:
+    """(config, tokenizer, `params(index)`, whether the params differ per replica) of the run that
+    replica `index` of a population of `size` starts from (`flag` names the run in errors): an
+    ordinary run's params for every replica (`load_trained`), or replica `index`'s own of a
+    population run of as many replicas (`load_population`; of another size, refused). `index`
+    may be traced (`Population.map_init`)."""
+    run_cfg = rundir.read_config(epath.Path(run_dir))
+    if size == 1 or not population_lib.is_population(run_cfg):  # load_trained refuses a population
+        cfg, tokenizer, params = load_trained(run_dir)
+        return cfg, tokenizer, lambda index: params, False
+    run_size = population_lib.Population(run_cfg).size
+    if run_size != size:
+        raise UserError(f"{flag} {run_dir} is a population of {run_size} replicas and this run's has {size} "
+                        "(train.population times the --population values); replica i starts from replica i, so "
+                        "they must be as many")
+    cfg, tokenizer, stacked = load_population(run_dir)
+    return cfg, tokenizer, lambda index: population_lib.take(stacked, index), True
 
 
 def restore_latest(run_dir: epath.Path, init_fn):

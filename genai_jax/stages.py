@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from functools import partial
+from typing import Callable
 
 import jax
 import numpy as np
@@ -35,8 +36,7 @@ from genai_jax.objectives.lm import make_lm_objective
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
 from genai_jax.optim import make_stage_optimizer, schedule
 from genai_jax.parallel import compile_step, host_copy, host_peak_mib, make_strategy, peak_record, sync_processes, to_host
-from genai_jax.runs import (final_record, load_population, load_trained, make_stage_init_fn, open_run, restore_target,
-                            with_vocab)
+from genai_jax.runs import final_record, load_replicas, make_stage_init_fn, open_run, restore_target, with_vocab
 from genai_jax.sampling import check_length, generate
 from genai_jax.tokenizer import Tokenizer, build_tokenizer
 from genai_jax.train import fit, make_eval_step, make_train_step
@@ -62,13 +62,15 @@ def check_config(cfg: RunConfig, stage: str) -> int:
 
 
 def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_source, val_source,
-                initial_params=None, summary: dict | None = None):
+                initial_params=None, summary: dict | list[dict] | None = None):
     """The loop every stage shares: strategy, grain iterators, restore or init, compile, fit.
 
     `make_objective(apply_fn, deterministic, **keywords)` builds the stage's objective (a
     population's axes may set keywords); train_source and val_source are random-access records
-    of one LM row each. The state starts from `initial_params(index, seed)` of each replica (a
-    fine-tuning stage) or from a fresh init, unless the run directory holds a checkpoint, which
+    of one LM row each, or lists of one per replica of a population (the reward stage's from an
+    SFT population), and the step-0 `summary` a list of one record per replica then too. The
+    state starts from `initial_params(index, seed)` of each replica (a fine-tuning stage) or from
+    a fresh init, unless the run directory holds a checkpoint, which
     always wins. A population (`population.Population`) stacks its replicas' states and maps the
     step over them. The train step is compiled ahead of time, so a step too big for the device
     fails before training; its memory is printed and logged at step 0 (`step_memory_mib`, per
@@ -83,8 +85,8 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     train_iter = population.train_iterator(train_source, batch_size)
     val_batches = []
     if val_source is not None:
-        val_batches = [population.stack_like(batch) for batch in loader.validation_batches(
-            val_source, cfg.train.batch_size, cfg.train.eval_batches, seed=cfg.data.seed + 1)]
+        val_batches = population.validation_batches(val_source, cfg.train.batch_size, cfg.train.eval_batches,
+                                                    seed=cfg.data.seed + 1)
 
     init_fn = make_stage_init_fn(cfg)
     abstract_state = jax.eval_shape(init_fn)
@@ -100,7 +102,7 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     train_step, eval_step = stage_steps(cfg, population, make_objective, strategy.reduce)
     merged = population.map(partial(lora.merge, cfg=cfg.lora))
     example_batch = jax.tree.map(lambda x: np.zeros((batch_size, *np.shape(x)), np.asarray(x).dtype),
-                                 train_source[0])
+                                 population.first_source(train_source)[0])
 
     step_fn, memory = compile_step(
         strategy, train_step, abstract_state,
@@ -117,7 +119,9 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
                       "n_params_non_embedding": count_params(model_params, embeddings=False) // size,
                       "n_trainable_params": count_params(lora.trainable(abstract_state.params, cfg.lora)) // size,
                       **({"replicas": population.size} if population.stacked else {}),
-                      **peak_record("step_memory_mib", memory), **(summary or {})})
+                      **peak_record("step_memory_mib", memory), **(summary if isinstance(summary, dict) else {})})
+        if isinstance(summary, list):
+            writer.write_all(population.log(0, summary))
     try:  # closed on preemption too, so TensorBoard gets every record
         state = fit(
             state,
@@ -190,7 +194,7 @@ def pretrain(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2: fine-tune the `train.init_from` run on conversations with the response-masked loss."""
     run_dir = epath.Path(run_dir)
-    cfg, tokenizer, initial_params = sft_init(cfg)
+    cfg, tokenizer, base_params, _ = load_init(cfg, "sft", "sft needs --init-from RUN_DIR (a pretraining run)")
     length = check_config(cfg, "sft")
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
     train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
@@ -201,41 +205,24 @@ def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     say(f"sft data: {train_stats}")
     train_stage(
         cfg, run_dir, make_objective=make_masked_lm_objective, train_source=loader.Rows(train_rows),
-        val_source=None if val_rows is None else loader.Rows(val_rows), initial_params=initial_params,
+        val_source=None if val_rows is None else loader.Rows(val_rows),
+        initial_params=lambda index, seed: base_params(index),
         summary=train_stats,
     )
     return final_record(run_dir)
 
 
-def sft_init(cfg: RunConfig):
-    """(config with vocab, tokenizer, `initial_params(index, seed)`) of SFT: every replica starts
-    from the init run, or replica i from replica i of an init run that is a population."""
-    missing = "sft needs --init-from RUN_DIR (a pretraining run)"
-    base_cfg = rundir.read_config(epath.Path(cfg.train.init_from)) if cfg.train.init_from else None
-    if base_cfg is None or not population_lib.is_population(base_cfg):
-        cfg, tokenizer, params = load_init(cfg, missing)
-        return cfg, tokenizer, lambda index, seed: params
-    cfg, tokenizer, stacked = load_init(cfg, missing, load=load_population)
-    check_population_init(cfg, base_cfg)
-    return cfg, tokenizer, lambda index, seed: population_lib.take(stacked, index)
-
-
-def check_population_init(cfg: RunConfig, base_cfg: RunConfig) -> None:
-    """Refuse fine-tuning a population from one of another size (replica i starts from replica i)."""
-    size, base_size = population_lib.Population(cfg).size, population_lib.Population(base_cfg).size
-    if size != base_size:
-        raise UserError(f"--init-from {cfg.train.init_from} is a population of {base_size} replicas and this run's "
-                        f"has {size} (train.population times the --population values); replica i starts from "
-                        "replica i, so they must be as many")
-
-
-def load_init(cfg: RunConfig, missing: str, load=load_trained) -> tuple[RunConfig, Tokenizer, dict]:
-    """(config with vocab, tokenizer, params) of the `train.init_from` run a stage starts from
-    (`load`: `runs.load_trained`, or `runs.load_population` for a population's stacked params),
-    refusing one whose model differs from this stage's (dropout and head may differ)."""
+def load_init(cfg: RunConfig, stage: str, missing: str) -> tuple[RunConfig, Tokenizer, Callable, bool]:
+    """(config with vocab, tokenizer, `params(index)`, whether they differ per replica) of the
+    `train.init_from` run a stage starts from: every replica from that run, or replica i from
+    replica i of a population run (`runs.load_replicas`). A run whose model differs from this
+    stage's is refused (dropout and head may differ), and so is a population this stage cannot
+    train (`population.check`)."""
+    population_lib.check(cfg, stage)
     if not cfg.train.init_from:
         raise UserError(missing)
-    base_cfg, tokenizer, base_params = load(cfg.train.init_from)
+    base_cfg, tokenizer, base_params, per_replica = load_replicas(
+        cfg.train.init_from, population_lib.Population(cfg).size, "--init-from")
     cfg = with_vocab(cfg, tokenizer)
     mismatched = [name for name in config_lib.diff(base_cfg.model, cfg.model) if name not in ("dropout", "head")]
     if mismatched:
@@ -246,40 +233,53 @@ def load_init(cfg: RunConfig, missing: str, load=load_trained) -> tuple[RunConfi
             f"--init-from {cfg.train.init_from} was trained with a different model config ({differences}); "
             "leave out those --model flags (the CLI takes them from the --init-from run)"
         )
-    return cfg, tokenizer, base_params
+    return cfg, tokenizer, base_params, per_replica
 
 
 def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2b: a reward model (the SFT trunk + a scalar head) trained with Bradley-Terry on
-    preference groups, then normalised on the SFT policy's samples. Returns the final metrics."""
+    preference groups, then normalised on the SFT policy's samples. Returns the final metrics.
+    A population from an SFT population: replica i's trunk, world pairs and normalisation samples
+    come from SFT replica i."""
     run_dir = epath.Path(run_dir)
     if cfg.model.head != "scalar":
         raise UserError("a reward model needs model.head=scalar")
-    cfg, tokenizer, sft_params = load_init(cfg, "reward needs --init-from RUN_DIR (an SFT run)")
+    cfg, tokenizer, sft_of, per_replica = load_init(cfg, "reward", "reward needs --init-from RUN_DIR (an SFT run)")
     policy_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="lm"))
     length = check_config(cfg, "reward")
-    train_groups, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, policy_cfg, sft_params, tokenizer,
-                                                                            length)
+    population = population_lib.Population(cfg)
+    policies = [sft_of(index) for index in range(population.size if per_replica else 1)]
+    data = [preference_rows(cfg, policy_cfg, policy, tokenizer, length) for policy in policies]
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
-    say(f"reward data: {stats}")
+    for *_, stats in data:
+        say(f"reward data: {stats}")
+
+    def per_policy(sources: list):
+        """What `train_stage` takes: one source for every replica, or one per replica."""
+        return sources if per_replica else sources[0]
+
+    val_sources = [None if val_rows is None else loader.Rows(val_rows) for _, _, val_rows, _, _ in data]
     reward_params = train_stage(
         cfg, run_dir, make_objective=partial(make_bradley_terry_objective, centering=cfg.objective.reward_centering),
-        train_source=loader.Rows(train_rows), val_source=None if val_rows is None else loader.Rows(val_rows),
-        initial_params=lambda index, seed: with_scalar_head(sft_params, cfg.model, jax.random.PRNGKey(seed + 1)),
-        summary=stats,
+        train_source=per_policy([loader.Rows(train_rows) for _, train_rows, *_ in data]),
+        val_source=None if val_sources[0] is None else per_policy(val_sources),
+        initial_params=lambda index, seed: with_scalar_head(sft_of(index), cfg.model, jax.random.PRNGKey(seed + 1)),
+        summary=per_policy([stats for *_, stats in data]),
     )
     reward_params = host_copy(reward_params)  # a collective: every process takes part
     record = {}
     if jax.process_index() == 0:  # the others wait at the barrier below
-        # Normalise on the policy's samples for training prompts; check on a second, independent draw.
-        prompts = [list(group.prompt) for group in train_groups[:256]]
-        fit_samples, check_samples = (
-            [r.text for r in respond(policy_cfg, sft_params, tokenizer, prompts, max_new_tokens=16, temperature=1.0,
-                                     seed=cfg.data.seed + offset)]
-            for offset in (11, 13)
-        )
-
-        def evaluated(reward_params) -> dict:
+        def evaluated(index: int, reward_params) -> dict:
+            """Normalised on the policy's samples for training prompts; checked on a second,
+            independent draw; the held-out pairs' accuracies."""
+            own = index if per_replica else 0  # the replica's policy and data
+            train_groups, _, val_rows, val_agrees, _ = data[own]
+            prompts = [list(group.prompt) for group in train_groups[:256]]
+            fit_samples, check_samples = (
+                [r.text for r in respond(policy_cfg, policies[own], tokenizer, prompts, max_new_tokens=16, temperature=1.0,
+                                         seed=cfg.data.seed + offset)]
+                for offset in (11, 13)
+            )
             normalization = reward_lib.fit_normalization(
                 reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
             check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
@@ -291,8 +291,7 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                            "val_label_gold_agreement": float(np.mean(val_agrees))}
             return result
 
-        population = population_lib.Population(cfg)
-        results = [evaluated(replica_params) for _, replica_params in population.split(reward_params)]
+        results = [evaluated(replica.index, replica_params) for replica, replica_params in population.split(reward_params)]
         reward_lib.save_normalization(run_dir, population.result_file(
             [{name: result[name] for name in ("gain", "bias")} for result in results]))
         records = population.log(cfg.train.max_steps, results)
@@ -311,7 +310,12 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     run_dir = epath.Path(run_dir)
     if cfg.model.head != "lm":
         raise UserError("dpo trains a policy: model.head must be lm")
-    cfg, tokenizer, sft_params = load_init(cfg, "dpo needs --init-from RUN_DIR (an SFT run)")
+    cfg, tokenizer, sft_of, per_replica = load_init(cfg, "dpo", "dpo needs --init-from RUN_DIR (an SFT run)")
+    if per_replica:
+        raise UserError(f"--init-from {cfg.train.init_from} is a population: a dpo population starts every replica "
+                        f"from one SFT run, its reference; `genai-jax extract --run {cfg.train.init_from} --replica I "
+                        "--run-dir OUT` writes one replica as a run")
+    sft_params = sft_of(0)
     length = check_config(cfg, "dpo")
     _, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, cfg, sft_params, tokenizer, length)
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)

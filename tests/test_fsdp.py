@@ -306,7 +306,7 @@ def prompts() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def ppo_state(models) -> TrainState:
     """The PPO TrainState ({"policy", "value"} params, make_ppo_optimizer's state) in host memory."""
-    return jax.device_get(make_ppo_init_fn(PPO_RUN, models["policy"], lambda seed: models["value"])())
+    return jax.device_get(make_ppo_init_fn(PPO_RUN, lambda index: models["policy"], lambda index, seed: models["value"])())
 
 
 def rollout(strategy, models, host_state, temperatures, end_id=None):

@@ -283,6 +283,62 @@ def test_dpo_beta_axis_replica_equals_a_standalone_run_with_that_beta(tmp_path, 
     assert replica_log(tmp_path / "population", 0)[3]["loss"] != replica_log(tmp_path / "population", 1)[3]["loss"]
 
 
+def reward_config(init_from, **train) -> config.RunConfig:
+    return config.replace(
+        config.preset("tiny", "reward"), model=SMALL, optim=dict(warmup_steps=2), data=dict(world_pairs=64),
+        train=dict(batch_size=8, max_steps=3, log_every=1, eval_every=3, eval_batches=1, ckpt_every=3,
+                   progress=False, init_from=str(init_from), **SINGLE) | train,
+    )
+
+
+def ppo_config(policy, reward, **train) -> config.RunConfig:
+    return config.replace(
+        config.preset("tiny", "ppo"), model=SMALL, data=dict(world_chats=64),
+        ppo=dict(policy=str(policy), reward=str(reward), epochs=1, minibatches=2, gold_prompts=16, max_new_tokens=8),
+        train=dict(batch_size=8, max_steps=2, eval_every=2, ckpt_every=2, progress=False, **SINGLE) | train,
+    )
+
+
+@pytest.mark.slow
+def test_reward_and_ppo_replica_i_start_from_replica_i_of_their_populations(tmp_path, capsys, sft_population):
+    """The recipe as populations: reward replica i from SFT replica i (its trunk, its own world
+    pairs and normalisation samples), PPO replica i from SFT replica i (policy, reference) and
+    reward replica i (reward model, value init, normalisation), each equal to the standalone run
+    from the extracted replicas."""
+    sft_cfg, sft_dir = sft_population
+
+    def extract(run_dir, name: str):
+        assert run_cli(capsys, "extract", "--run", run_dir, "--replica", 1, "--run-dir", tmp_path / name)[0] == 0
+        return tmp_path / name
+
+    cfg = reward_config(sft_dir, population=2)
+    stages.reward(cfg, tmp_path / "reward")
+    assert_replica_is_the_standalone_run(stages.reward, cfg, tmp_path / "reward", 1, tmp_path / "reward_alone",
+                                         ("loss", "val_loss", "gain", "val_label_accuracy"),
+                                         config.replace(standalone(cfg, 1), train=dict(init_from=str(extract(sft_dir, "sft1")))))
+    data_records = [r for r in rundir.read_metrics(tmp_path / "reward") if "pairs" in r and "replica" in r]
+    assert [r["replica"] for r in data_records] == [0, 1]  # each replica's own pairs, counted at step 0
+
+    cfg = ppo_config(sft_dir, tmp_path / "reward", population=2)
+    rlhf.ppo(cfg, tmp_path / "ppo")
+    alone = config.replace(standalone(cfg, 1), ppo=dict(policy=str(tmp_path / "sft1"),
+                                                        reward=str(extract(tmp_path / "reward", "reward1"))))
+    assert_replica_is_the_standalone_run(rlhf.ppo, cfg, tmp_path / "ppo", 1, tmp_path / "ppo_alone",
+                                         ("proxy_reward", "val_gold_score"), alone)
+
+
+def test_fine_tuning_from_a_population_of_another_size_is_refused(tmp_path, capsys, pretrain_population):
+    _, run_dir = pretrain_population
+    for argv, needles in (
+        (["sft", "--init-from", run_dir, "--train.population", "2"], ["--init-from", "population of 3", "has 2"]),
+        (["sft", "--init-from", run_dir], ["population of 3", "genai-jax extract"]),
+        (["ppo", "--policy", run_dir, "--reward", "gold", "--train.strategy", "single", "--train.population", "2"],
+         ["--policy", "population of 3", "has 2"]),
+    ):
+        assert_one_error(*run_cli(capsys, *argv, "--run-dir", tmp_path / "run")[::2], *needles)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The RL stage: each replica its own prompt order, rollouts, beta and value head
 

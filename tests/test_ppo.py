@@ -434,7 +434,7 @@ def step_batch(batch: dict) -> dict:
 def one_ppo_step(strategy, models, batch, accum_steps: int = 1) -> tuple[dict, dict]:
     """(metrics, params) on the host after one step of make_ppo_optimizer from the rollout's models."""
     cfg = PPO_RUN
-    init_fn = make_ppo_init_fn(cfg, models["policy"], lambda seed: models["value"])
+    init_fn = make_ppo_init_fn(cfg, lambda index: models["policy"], lambda index, seed: models["value"])
     abstract_state = jax.eval_shape(init_fn)
     state = strategy.compile_init(init_fn, abstract_state)()
     objective = make_ppo_objective(GPT(cfg.model).apply, temperature=cfg.ppo.temperature)
@@ -665,7 +665,7 @@ def test_group_samples_differ_and_stay_together_through_minibatching(models):
 
 def test_critic_free_runs_have_no_value_model(models):
     cfg = critic_free_run(algorithm="grpo")
-    state = jax.eval_shape(make_ppo_init_fn(cfg, models["policy"]))
+    state = jax.eval_shape(make_ppo_init_fn(cfg, lambda index: models["policy"]))
     assert set(state.params) == {"policy"}
     assert check_batches(config.replace(cfg, ppo=dict(minibatches=2)), 4) == ROWS // 2 * GROUP
     for bad, message in ((dict(group_size=1), "group-size to 2 or more"), (dict(kl_target=0.5), "grpo's KL is a loss term")):
@@ -675,7 +675,7 @@ def test_critic_free_runs_have_no_value_model(models):
 
 def one_critic_free_step(strategy, models, batch, accum_steps: int = 1) -> tuple[dict, dict]:
     cfg = critic_free_run(algorithm="grpo", kl_coef=0.2)
-    init_fn = make_ppo_init_fn(cfg, models["policy"])
+    init_fn = make_ppo_init_fn(cfg, lambda index: models["policy"])
     abstract_state = jax.eval_shape(init_fn)
     state = strategy.compile_init(init_fn, abstract_state)()
     step = strategy.compile(make_train_step(rl_objective(cfg), make_ppo_optimizer(cfg), strategy.reduce, accum_steps),
@@ -747,7 +747,7 @@ def test_ptx_step_matches_single_device(make_strategy, accum_steps, models, grpo
     cfg = critic_free_run(algorithm="grpo", kl_coef=0.2, ptx_coef=0.7)
 
     def step(strategy, accum):
-        init_fn = make_ppo_init_fn(cfg, models["policy"])
+        init_fn = make_ppo_init_fn(cfg, lambda index: models["policy"])
         abstract_state = jax.eval_shape(init_fn)
         state = strategy.compile_init(init_fn, abstract_state)()
         train_step = make_train_step(rl_objective(cfg), make_ppo_optimizer(cfg), strategy.reduce, accum)
