@@ -209,9 +209,11 @@ class PipelineArgs:
 
     Any stage's config field is a flag: --STAGE.SECTION.FIELD VALUE with STAGE one of base, sft,
     reward, ppo (e.g. --ppo.optim.lr 3e-5, --reward.data.label-noise 0.16); --ppo.FIELD for the
-    ppo section (e.g. --ppo.kl-coef 0.1); --model.FIELD, --train.seed, --train.progress,
-    --train.strategy, --train.mesh-data, --train.mesh-fsdp and --data.seed set every stage (a
-    stage's own flag wins). Booleans: --sft.data.pack / --sft.data.no-pack, or a true/false value."""
+    ppo section (e.g. --ppo.kl-coef 0.1); --model.FIELD, --train.seed, --train.population,
+    --train.progress, --train.strategy, --train.mesh-data, --train.mesh-fsdp and --data.seed set
+    every stage (a stage's own flag wins). --train.population N trains every stage as N replicas,
+    replica i of each stage from replica i of the one before (docs/population.md). Booleans:
+    --sft.data.pack / --sft.data.no-pack, or a true/false value."""
 
     preset: str = "tiny"
     run_dir: str = ""

@@ -8,8 +8,9 @@ pipeline runs four stages, so its flags name the stage as well:
     --ppo.FIELD VALUE             a field of the ppo section (read by the ppo stage alone),
                                   e.g. --ppo.kl-coef 0.1 (the same as --ppo.ppo.kl-coef)
     --model.FIELD VALUE           every stage (the stages load one another's weights)
-    --train.seed, --train.progress, --train.strategy, --train.mesh-data, --train.mesh-fsdp,
-    --data.seed                   every stage
+    --train.seed, --train.population, --train.progress, --train.strategy,
+    --train.mesh-data, --train.mesh-fsdp, --data.seed
+                                  every stage
 
 A stage's own flag wins over an every-stage one, whatever their order. Boolean fields take a value
 (`true`/`false`) or none (`--sft.data.pack`, `--sft.data.no-pack`). Nothing here imports JAX: the
@@ -30,7 +31,7 @@ PIPELINE_STAGES = ("base", "sft", "reward", "ppo")
 # Fields an unqualified pipeline flag sets in every stage: None means every field of the section.
 EVERY_STAGE: dict[str, frozenset[str] | None] = {
     "model": None,
-    "train": frozenset({"seed", "progress", "strategy", "mesh_data", "mesh_fsdp"}),
+    "train": frozenset({"seed", "population", "progress", "strategy", "mesh_data", "mesh_fsdp"}),
     "data": frozenset({"seed"}),
 }
 

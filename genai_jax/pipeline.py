@@ -12,16 +12,18 @@ import json
 import os
 
 import jax
+import numpy as np
 from etils import epath
 
 from genai_jax import config as config_lib
+from genai_jax import population as population_lib
 from genai_jax import rlhf, rundir, stages
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import GOLD_PROMPTS, RunConfig
 from genai_jax.distributed import say
 from genai_jax.evaluation import gold_eval
 from genai_jax.reward import NORMALIZATION_FILE
-from genai_jax.runs import final_record, load_trained
+from genai_jax.runs import final_record, load_population, load_trained
 
 STAGES = ("base", "sft", "reward", "ppo")
 SUMMARY_FILE = "summary.json"
@@ -32,7 +34,8 @@ def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: di
     """Each stage's config: the preset for that stage, wired to the earlier stages' directories,
     with `overrides` ({"model": {...}, ...}) applied to every stage, then `stage_overrides`
     ({"ppo": {"optim": {"lr": 3e-5}}, ...}: what `overrides.parse_pipeline_flags` returns) to
-    their stage alone."""
+    their stage alone. With train.population N the ppo stage runs under train.strategy=single
+    (its population's only one) unless its strategy is given."""
     run_dir = epath.Path(run_dir)
     configs = {
         "base": config_lib.preset(preset_name, "pretrain"),
@@ -43,7 +46,12 @@ def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: di
                                   ppo={"policy": str(run_dir / "sft"), "reward": str(run_dir / "reward")}),
     }
     configs = {stage: config_lib.replace(cfg, **(overrides or {})) for stage, cfg in configs.items()}
-    return {stage: config_lib.replace(cfg, **(stage_overrides or {}).get(stage, {})) for stage, cfg in configs.items()}
+    configs = {stage: config_lib.replace(cfg, **(stage_overrides or {}).get(stage, {})) for stage, cfg in configs.items()}
+    ppo_strategy_given = "strategy" in (stage_overrides or {}).get("ppo", {}).get("train", {})
+    if configs["ppo"].train.population > 1 and not ppo_strategy_given:
+        # the RL stage's population runs on one device (docs/population.md)
+        configs["ppo"] = config_lib.replace(configs["ppo"], train={"strategy": "single"})
+    return configs
 
 
 def finished(stage_dir: epath.Path, cfg: RunConfig) -> bool:
@@ -62,6 +70,8 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold
     """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary (with
     several processes, process 0 alone writes and returns it; the others return {})."""
     runners = {"base": stages.pretrain, "sft": stages.sft, "reward": stages.reward, "ppo": rlhf.ppo}
+    for stage, name in (("base", "pretrain"), ("sft", "sft"), ("reward", "reward"), ("ppo", "ppo")):
+        population_lib.check(configs[stage], name)  # before the first stage trains
     run_dir = epath.Path(run_dir)
     for stage in STAGES:
         stage_dir = run_dir / stage
@@ -80,8 +90,26 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold
 
 def summarize(run_dir: epath.Path, gold_prompts: int) -> dict:
     """Per stage: its final metrics of interest, and each policy's held-out gold score (0-100),
-    sampled at temperature 1 (the policy PPO trains) and greedy."""
-    final = {stage: final_record(run_dir / stage) for stage in STAGES}
+    sampled at temperature 1 (the policy PPO trains) and greedy. Of a population pipeline (every
+    stage a population of N replicas), each replica's summary under "replicas" and, per stage,
+    their means."""
+    population = population_lib.Population(rundir.read_config(run_dir / "ppo"))
+    if not population.stacked:
+        return replica_summary(run_dir, gold_prompts, None)
+    replicas = [replica_summary(run_dir, gold_prompts, replica.index) for replica in population.replicas]
+
+    def mean(values: list) -> float | None:
+        return None if None in values else float(np.mean(values))
+
+    means = {stage: {name: mean([summary[stage][name] for summary in replicas]) for name in replicas[0][stage]}
+             for stage in STAGES}
+    return means | {"replicas": replicas}
+
+
+def replica_summary(run_dir: epath.Path, gold_prompts: int, replica: int | None) -> dict:
+    """`summarize`'s rows of an ordinary pipeline (`replica` None), or of one replica of a
+    population pipeline."""
+    final = {stage: final_record(run_dir / stage, replica) for stage in STAGES}
     summary = {
         "base": {"val_loss": final["base"].get("val_loss")},
         "sft": {"val_loss": final["sft"].get("val_loss")},
@@ -90,7 +118,11 @@ def summarize(run_dir: epath.Path, gold_prompts: int) -> dict:
         "ppo": {name: final["ppo"].get(name) for name in ("kl", "proxy_reward", "beta")},
     }
     for stage in ("base", "sft", "ppo"):
-        cfg, tokenizer, params = load_trained(run_dir / stage)
+        if replica is None:
+            cfg, tokenizer, params = load_trained(run_dir / stage)
+        else:
+            cfg, tokenizer, stacked = load_population(run_dir / stage)
+            params = population_lib.take(stacked, replica)
         if cfg.data.resolved_source != "world":
             continue
         for name, temperature in (("gold_sampled", 1.0), ("gold_greedy", 0.0)):
@@ -100,11 +132,15 @@ def summarize(run_dir: epath.Path, gold_prompts: int) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as an aligned text table, one row per stage."""
-    columns = sorted({name for row in summary.values() for name in row})
+    """The summary as an aligned text table, one row per stage (a population's means), then one
+    per stage and replica (`ppo/1`: replica 1's)."""
+    stage_rows = {stage: row for stage, row in summary.items() if stage != "replicas"}
+    for index, replica in enumerate(summary.get("replicas", [])):
+        stage_rows |= {f"{stage}/{index}": row for stage, row in replica.items()}
+    columns = sorted({name for row in stage_rows.values() for name in row})
     rows = [["stage", *columns]] + [
-        [stage, *("" if summary[stage].get(c) is None else f"{summary[stage][c]:.4g}" for c in columns)]
-        for stage in summary
+        [stage, *("" if row.get(c) is None else f"{row[c]:.4g}" for c in columns)]
+        for stage, row in stage_rows.items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns) + 1)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)

@@ -79,13 +79,17 @@ def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunCon
     return with_vocab(cfg, tokenizer), tokenizer
 
 
-def final_record(run_dir: epath.Path) -> dict:
+def final_record(run_dir: epath.Path, replica: int | None = None) -> dict:
     """The records of a run's last step merged, e.g. its train and eval records (process 0; others
-    have none); of a population, its mean records."""
+    have none); of a population, its mean records, or replica `replica`'s own."""
     if jax.process_index() != 0:
         return {}
-    records = [record for record in rundir.read_metrics(run_dir)
-               if "replica" not in record and record.get("population", "mean") == "mean"]
+    records = rundir.read_metrics(run_dir)
+    if replica is not None:
+        records = replica_log.replica_records(records, replica)
+    else:
+        records = [record for record in records
+                   if "replica" not in record and record.get("population", "mean") == "mean"]
     return {name: value for record in records if record["step"] == records[-1]["step"]
             for name, value in record.items() if name != "population"}
 

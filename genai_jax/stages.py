@@ -267,7 +267,6 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         summary=per_policy([stats for *_, stats in data]),
     )
     reward_params = host_copy(reward_params)  # a collective: every process takes part
-    record = {}
     if jax.process_index() == 0:  # the others wait at the barrier below
         def evaluated(index: int, reward_params) -> dict:
             """Normalised on the policy's samples for training prompts; checked on a second,
@@ -294,12 +293,11 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
         results = [evaluated(replica.index, replica_params) for replica, replica_params in population.split(reward_params)]
         reward_lib.save_normalization(run_dir, population.result_file(
             [{name: result[name] for name in ("gain", "bias")} for result in results]))
-        records = population.log(cfg.train.max_steps, results)
         writer = rundir.MetricsWriter(run_dir, cfg.train.max_steps)
-        record = writer.write_all(records)
+        writer.write_all(population.log(cfg.train.max_steps, results))
         writer.close()
     sync_processes("reward: normalised")  # a later stage of this launch (the pipeline's ppo) reads it
-    return record
+    return final_record(run_dir)
 
 
 def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:

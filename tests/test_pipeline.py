@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_one_error, assert_trees_close, run_cli, snapshot
 
 from genai_jax import config, pipeline, rlhf, rundir, runs
+from genai_jax.sweeps import report
 
 pytestmark = pytest.mark.slow  # the four stages end to end
 
@@ -67,6 +68,40 @@ def test_pipeline_skips_finished_stages(finished_pipeline, capsys):
     assert again == summary  # the same policies, the same greedy evaluation
     table = pipeline.format_summary(summary)
     assert all(line.split()[0] in ("stage", *pipeline.STAGES) for line in table.splitlines())
+
+
+def test_a_population_pipeline_trains_replica_i_of_each_stage_from_replica_i(tmp_path, capsys):
+    """--train.population 2 for the whole recipe: every stage a population (the replica chains are
+    the stages' tests in test_population.py), PPO under train.strategy=single, and a summary of
+    each replica's own policies (checked against `eval` of an extracted replica) with their means,
+    which the sweep report reads per replica."""
+    configs = pipeline.pipeline_configs("tiny", tmp_path / "run", {"model": SMALL, "train": {"population": 2}})
+    configs = {stage: config.replace(cfg, **STAGE_CHANGES[stage]) for stage, cfg in configs.items()}
+    summary = pipeline.run_pipeline(configs, tmp_path / "run", gold_prompts=16)
+    assert [rundir.read_config(tmp_path / "run" / stage).train.population for stage in pipeline.STAGES] == [2] * 4
+    assert rundir.read_config(tmp_path / "run" / "ppo").train.strategy == "single"
+
+    replicas = summary["replicas"]
+    assert len(replicas) == 2 and replicas[0]["ppo"] != replicas[1]["ppo"]
+    for stage in pipeline.STAGES:
+        for name, mean in summary[stage].items():
+            np.testing.assert_allclose(mean, np.mean([replica[stage][name] for replica in replicas]), err_msg=name)
+    assert replicas[1]["base"]["val_loss"] == runs.final_record(tmp_path / "run" / "base", 1)["val_loss"]
+
+    code, _, err = run_cli(capsys, "extract", "--run", tmp_path / "run" / "ppo", "--replica", 1,
+                           "--run-dir", tmp_path / "ppo1")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", "--run", tmp_path / "ppo1", "--num-prompts", 16, "--max-new-tokens", 32)
+    assert code == 0, err
+    greedy = json.loads((tmp_path / "ppo1" / "eval.json").read_text())["gold_score"]
+    assert replicas[1]["ppo"]["gold_greedy"] == 100 * greedy
+
+    table = pipeline.format_summary(summary)
+    assert [line.split()[0] for line in table.splitlines()] == [
+        "stage", *pipeline.STAGES, *(f"{stage}/{k}" for k in (0, 1) for stage in pipeline.STAGES)]
+    metrics = report.final_metrics(str(tmp_path / "run"), "pipeline", 1)
+    assert metrics["ppo.gold_greedy"] == replicas[1]["ppo"]["gold_greedy"]
+    assert metrics["base.val_loss"] == replicas[1]["base"]["val_loss"]
 
 
 def test_ppo_resumes_exactly(finished_pipeline, tmp_path):

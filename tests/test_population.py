@@ -402,6 +402,12 @@ def test_the_rl_stage_refuses_what_its_population_cannot_vary(tmp_path, capsys, 
     assert_one_error(code, err, *needles)
 
 
+def test_a_population_pipeline_refuses_what_a_stage_cannot_train_before_the_first_stage(tmp_path, capsys):
+    argv = ["pipeline", "--run-dir", tmp_path / "run", "--train.population", "2", "--train.strategy", "mesh"]
+    assert_one_error(*run_cli(capsys, *argv)[::2], "ppo stage runs under train.strategy=single")
+    assert not (tmp_path / "run").exists()
+
+
 def test_commands_refuse_a_population_run_and_extract_an_unknown_replica(tmp_path, capsys, pretrain_population):
     _, run_dir = pretrain_population
     before = snapshot(run_dir)

@@ -137,8 +137,6 @@ BAD_SPECS = {
     "seed override": ("command = 'pretrain'\n[grid]\n'train.seed' = [1, 2]\n", "'train.seed'"),
     "population override": ("command = 'sft'\n[grid]\n'train.population' = [2]\n", "'train.population'"),
     "population kind": ("command = 'pretrain'\npopulation = 'yes'\n[grid]\n'optim.lr' = [1e-3]\n", "'population'"),
-    "population pipeline": ("command = 'pipeline'\npopulation = true\n[grid]\n'ppo.kl-coef' = [0.1]\n",
-                            "'population'"),
     "population seeds": ("command = 'pretrain'\npopulation = true\nseeds = [0, 2]\n[grid]\n'optim.lr' = [1e-3]\n",
                          "consecutive"),
 }

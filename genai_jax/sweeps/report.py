@@ -70,13 +70,15 @@ def final_metrics(run_dir: str, command: str, replica: int | None = None) -> dic
         return {k: v for k, v in last_step(read_records(run_dir, replica)).items() if k != "step"}
     metrics = {}
     for stage in runner.PIPELINE_STAGES:
-        metrics |= {f"{stage}.{k}": v for k, v in last_step(read_records(os.path.join(run_dir, stage))).items()
-                    if k != "step"}
+        metrics |= {f"{stage}.{k}": v
+                    for k, v in last_step(read_records(os.path.join(run_dir, stage), replica)).items() if k != "step"}
     summary_path = os.path.join(run_dir, runner.SUMMARY_FILE)
     if os.path.exists(summary_path):
         with open(summary_path) as file:
             summary = json.load(file)
-        metrics |= {f"{stage}.{k}": v for stage, row in summary.items() for k, v in row.items() if v is not None}
+        rows = summary["replicas"][replica] if replica is not None else summary
+        metrics |= {f"{stage}.{k}": v for stage, row in rows.items() if stage != "replicas"
+                    for k, v in row.items() if v is not None}
     return metrics
 
 

@@ -192,9 +192,6 @@ def load_spec(path: str) -> Spec:
     population = data.get("population", False)
     if not isinstance(population, bool):
         raise UserError(f"{path}: key 'population' must be true or false")
-    if population and command not in STAGES:
-        raise UserError(f"{path}: key 'population' = true: the {command} command trains no population "
-                        f"(one of {', '.join(STAGES)} does)")
     if population and sorted(seeds) != list(range(min(seeds), min(seeds) + len(seeds))):
         raise UserError(f"{path}: key 'population' = true trains seeds train.seed + i: key 'seeds' must be "
                         f"consecutive integers, e.g. seeds = [0, 1, 2] (not {seeds})")
