@@ -323,6 +323,7 @@ def test_dpo_on_an_hh_file_with_empty_answers(tmp_path, capsys, sft_run):
     assert "val_pair_accuracy" in final and "val_gold_accuracy" not in final  # no gold for a file
 
 
+@pytest.mark.slow  # its module's trained-run fixture is the cost
 def test_dpo_needs_init_from_and_an_lm_head(tmp_path, capsys, sft_run):
     code, _, err = run_cli(capsys, *dpo_argv(tmp_path / "run"))
     assert_one_error(code, err, "dpo needs --init-from RUN_DIR")
@@ -341,6 +342,7 @@ def test_implicit_rewards_are_zero_for_the_reference():
     assert np.all(reference[rows["valid"]] < 0) and np.all(reference[~rows["valid"]] == 0)
 
 
+@pytest.mark.slow  # its module's trained-run fixture is the cost
 def test_a_character_the_tokenizer_lacks_names_the_preferences_file_and_line(tmp_path, capsys, sft_run):
     pair = {"prompt": "reverse abc", "chosen": "cba", "rejected": "abc"}
     path = tmp_path / "pairs.jsonl"

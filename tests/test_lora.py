@@ -219,6 +219,7 @@ def test_lora_sft_resumes_exactly(tmp_path, sft_run, base_run):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # its module's trained-run fixture is the cost
 def test_changed_lora_settings_are_refused_on_resume(tmp_path, capsys, sft_run, base_run):
     before = snapshot(sft_run)
     code, _, err = run_cli(capsys, *sft_argv(sft_run, "--init-from", base_run, "--lora.rank", 8))
