@@ -496,8 +496,7 @@ def adapter_tensors(family: str, cfg: ModelConfig, adapters: dict, prefix: str) 
 
 def _hf_source(run: str) -> str:
     """The Hugging Face folder a run was imported from (`import_hf`'s record), else the run."""
-    records = rundir.read_metrics(epath.Path(run))
-    return next((record["imported_from"] for record in records if "imported_from" in record), run)
+    return rundir.imported_from(run) or run
 
 
 def _export_adapter(run_dir: epath.Path, out: epath.Path, family: str) -> dict:

@@ -305,6 +305,12 @@ def load_pretraining_text(cfg: RunConfig, tokenizer: Tokenizer) -> PretrainingTe
             raise UserError(f"ppo.ptx-coef needs the pretraining run --policy {cfg.ppo.policy} was fine-tuned "
                             f"from (its train.init_from {base_dir!r} holds no {rundir.CONFIG_FILE})")
         return None
+    if rundir.imported_from(base_dir):  # pretrained elsewhere: its data config names no text of its own
+        if cfg.ppo.ptx_coef > 0:
+            raise UserError(f"ppo.ptx-coef needs the text --policy {cfg.ppo.policy}'s base was pretrained on; "
+                            f"its train.init_from {base_dir} is a model imported from "
+                            f"{rundir.imported_from(base_dir)}")
+        return None
     base_data = rundir.read_config(epath.Path(base_dir)).data
     length = cfg.model.context_len
     train, val = loader.split_tokens(tokenizer.encode(sources.load_text(base_data)), base_data.val_fraction, length)
@@ -720,7 +726,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                     evaluated = evaluations()
                     if evaluated[0]:
                         shown = writer.write_all(population.log(iteration, evaluated))
-                    if evaluated[0] and jax.process_index() == 0:
+                    if "val_gold_score" in evaluated[0] and jax.process_index() == 0:
                         bar.write(f"iteration {iteration}: held-out gold {100 * shown['val_gold_score']:.1f}/100")
                 saved = iteration % cfg.train.ckpt_every == 0 or iteration == cfg.train.max_steps
                 if saved:

@@ -148,6 +148,13 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return replica_log.parse_records(path.read_text(), path)
 
 
+def imported_from(run_dir: str | os.PathLike) -> str | None:
+    """The Hugging Face folder a run directory was imported from (`hf.import_hf`'s first record),
+    None for a run trained here."""
+    records = read_metrics(run_dir)[:1]
+    return records[0].get("imported_from") if records else None
+
+
 def print_final(stage: str, run_dir, final: dict) -> None:
     """One line with a finished stage's final metrics (nothing on processes other than 0, whose
     `final` is empty)."""

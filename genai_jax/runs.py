@@ -63,7 +63,7 @@ def open_run(cfg: RunConfig, run_dir: epath.Path, new_tokenizer) -> tuple[RunCon
     foreign = not resuming and run_dir.exists() and any(run_dir.iterdir())
     sync_processes("open_run: looked")
     if resuming:
-        if any("imported_from" in record for record in rundir.read_metrics(run_dir)[:1]):
+        if rundir.imported_from(run_dir):
             raise UserError(f"{run_dir} holds an imported model (import-hf), which is not trained further in "
                             "place: start a stage from it with --init-from (sft, reward, dpo) or --policy (ppo)")
         tokenizer = load_tokenizer(run_dir)

@@ -396,6 +396,51 @@ def test_sft_and_generate_from_an_imported_chat_model(capsys, tmp_path, template
         assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size == VOCAB
 
 
+@pytest.mark.slow
+def test_the_readme_recipe_on_an_imported_chat_model(capsys, tmp_path):
+    """README's "Pretrained models from Hugging Face" commands, as a user runs them on a
+    downloaded chat model (here the tiny Qwen2 with ChatML): import-hf -> sft on chats -> reward
+    on preference pairs -> ppo on prompts against that reward model (and dpo from the same SFT run)
+    -> export-hf, whose PPO policy transformers loads with our policy's logits."""
+    save_chat_model(tmp_path / "hf")
+    words = ["fox", "dog", "world", "brown", "lazy"]
+    files = {
+        "chats": [{"prompt": f"hello {w}", "response": f"the {w}"} for w in words * 4],
+        "pairs": [{"prompt": f"hello {w}", "chosen": f"the {w}", "rejected": "hello"} for w in words * 4],
+        "prompts": [{"prompt": f"hello {w}"} for w in words * 4],
+    }
+    for name, lines in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    short = ["--train.batch-size", 8, "--train.max-steps", 2, "--train.eval-every", 2, "--train.eval-batches", 1,
+             "--train.no-progress", "--data.seq-len", 64]
+    commands = [
+        ["import-hf", "--from", tmp_path / "hf", "--run-dir", tmp_path / "run"],
+        ["sft", "--init-from", tmp_path / "run", "--run-dir", tmp_path / "sft", "--data.path", tmp_path / "chats.jsonl",
+         "--train.sample-tokens", 0, *short],
+        ["reward", "--init-from", tmp_path / "sft", "--run-dir", tmp_path / "rm", "--data.path",
+         tmp_path / "pairs.jsonl", *short],
+        ["ppo", "--policy", tmp_path / "sft", "--reward", tmp_path / "rm", "--run-dir", tmp_path / "ppo",
+         "--data.path", tmp_path / "prompts.jsonl", "--ppo.max-new-tokens", 8, "--ppo.epochs", 1,
+         "--ppo.minibatches", 1, "--train.batch-size", 8, "--train.max-steps", 2, "--train.no-progress"],
+        ["dpo", "--init-from", tmp_path / "sft", "--run-dir", tmp_path / "dpo", "--data.path",
+         tmp_path / "pairs.jsonl", *short],
+        ["export-hf", "--run", tmp_path / "ppo", "--out", tmp_path / "out"],
+    ]
+    for argv in commands:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0, (argv[0], err)
+    # the import's lineage has no pretraining text here: no alignment-tax loss, and PPO-ptx is refused
+    assert not any("val_pretrain_loss" in record for record in rundir.read_metrics(tmp_path / "ppo"))
+    ptx = [*commands[3][:6], tmp_path / "ptx", *commands[3][7:], "--ppo.ptx-coef", 0.1]
+    assert_one_error(*run_cli(capsys, *ptx)[::2], "ppo.ptx-coef", "imported from")
+    assert not (tmp_path / "ptx").exists()
+    policy_cfg, _, policy = runs.load_trained(tmp_path / "ppo")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = tokens_of(6, (2, 10)) % 262
+    np.testing.assert_allclose(np.asarray(GPT(policy_cfg.model).apply(policy, tokens)),
+                               torch_logits(exported, tokens), atol=1e-4)
+
+
 def bpe_and_template() -> transformers.PreTrainedTokenizerFast:
     tokenizer = bpe_tokenizer()
     tokenizer.chat_template = CHATML
