@@ -70,9 +70,8 @@ def train_stage(cfg: RunConfig, run_dir: epath.Path, *, make_objective, train_so
     of one LM row each, or lists of one per replica of a population (the reward stage's from an
     SFT population), and the step-0 `summary` a list of one record per replica then too. The
     state starts from `initial_params(index, seed)` of each replica (a fine-tuning stage) or from
-    a fresh init, unless the run directory holds a checkpoint, which
-    always wins. A population (`population.Population`) stacks its replicas' states and maps the
-    step over them. The train step is compiled ahead of time, so a step too big for the device
+    a fresh init, unless the run directory holds a checkpoint, which always wins. A population
+    (`population.Population`) stacks its replicas' states and maps the step over them. The train step is compiled ahead of time, so a step too big for the device
     fails before training; its memory is printed and logged at step 0 (`step_memory_mib`, per
     device). With lora.rank > 0 the state's params are a LoRA tree of the initial params
     (`genai_jax.lora`) and only its adapters (and a scalar head) train.
