@@ -104,8 +104,14 @@ def replica_config(cfg: RunConfig, replica: Replica) -> RunConfig:
         section, field = name.split(".")
         sections.setdefault(section, {})[field] = value
         if name == "optim.lr":
-            sections["optim"]["min_lr"] = cfg.optim.min_lr * value / cfg.optim.lr
+            sections["optim"]["min_lr"] = cfg.optim.min_lr * lr_scale(cfg, replica)
     return config_lib.replace(cfg, **sections)
+
+
+def lr_scale(cfg: RunConfig, replica: Replica) -> float:
+    """The factor of replica's learning-rate schedule: its `optim.lr` value over the config's."""
+    value = dict(replica.values).get("optim.lr")
+    return 1.0 if value is None else value / cfg.optim.lr
 
 
 def replica_part(data, index: int):
@@ -184,8 +190,8 @@ class Population:
         return values
 
     def lr_scale(self, replica: Replica) -> float:
-        value = dict(replica.values).get("optim.lr")
-        return 1.0 if value is None else value / self.cfg.optim.lr
+        """`lr_scale` of this population's config (what `train.fit` logs as each replica's lr)."""
+        return lr_scale(self.cfg, replica)
 
     def map_init(self, make_init: Callable[[int, int], Callable]) -> Callable:
         """`make_init(index, seed)() -> TrainState` for every replica's index and seed (traced),
