@@ -88,15 +88,27 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold
     return summary
 
 
+SUMMARY_METRICS = {
+    "base": ("val_loss",),
+    "sft": ("val_loss",),
+    "reward": ("val_label_accuracy", "val_gold_accuracy", "val_label_gold_agreement"),
+    "ppo": ("kl", "proxy_reward", "beta"),
+}
+
+
 def summarize(run_dir: epath.Path, gold_prompts: int) -> dict:
     """Per stage: its final metrics of interest, and each policy's held-out gold score (0-100),
-    sampled at temperature 1 (the policy PPO trains) and greedy. Of a population pipeline (every
-    stage a population of N replicas), each replica's summary under "replicas" and, per stage,
-    their means."""
+    sampled at temperature 1 (the policy PPO trains) and greedy. Of a population pipeline (the
+    ppo stage a population of N replicas), each replica's summary under "replicas" and, per stage,
+    their means; an earlier stage that is no population (e.g. with `--ppo.train.population N`
+    alone) is every replica's."""
     population = population_lib.Population(rundir.read_config(run_dir / "ppo"))
     if not population.stacked:
-        return replica_summary(run_dir, gold_prompts, None)
-    replicas = [replica_summary(run_dir, gold_prompts, replica.index) for replica in population.replicas]
+        return {stage: stage_summary(run_dir, stage, None, gold_prompts) for stage in STAGES}
+    shared = {stage: stage_summary(run_dir, stage, None, gold_prompts) for stage in STAGES
+              if not population_lib.is_population(rundir.read_config(run_dir / stage))}
+    replicas = [{stage: shared[stage] if stage in shared else stage_summary(run_dir, stage, replica.index, gold_prompts)
+                 for stage in STAGES} for replica in population.replicas]
 
     def mean(values: list) -> float | None:
         return None if None in values else float(np.mean(values))
@@ -106,29 +118,22 @@ def summarize(run_dir: epath.Path, gold_prompts: int) -> dict:
     return means | {"replicas": replicas}
 
 
-def replica_summary(run_dir: epath.Path, gold_prompts: int, replica: int | None) -> dict:
-    """`summarize`'s rows of an ordinary pipeline (`replica` None), or of one replica of a
-    population pipeline."""
-    final = {stage: final_record(run_dir / stage, replica) for stage in STAGES}
-    summary = {
-        "base": {"val_loss": final["base"].get("val_loss")},
-        "sft": {"val_loss": final["sft"].get("val_loss")},
-        "reward": {name: final["reward"].get(name) for name in
-                   ("val_label_accuracy", "val_gold_accuracy", "val_label_gold_agreement")},
-        "ppo": {name: final["ppo"].get(name) for name in ("kl", "proxy_reward", "beta")},
-    }
-    for stage in ("base", "sft", "ppo"):
-        if replica is None:
-            cfg, tokenizer, params = load_trained(run_dir / stage)
-        else:
-            cfg, tokenizer, stacked = load_population(run_dir / stage)
-            params = population_lib.take(stacked, replica)
-        if cfg.data.resolved_source != "world":
-            continue
+def stage_summary(run_dir: epath.Path, stage: str, replica: int | None, gold_prompts: int) -> dict:
+    """`summarize`'s row of one stage's run: of an ordinary run (`replica` None), or of replica
+    `replica` of a population run."""
+    row = {name: final_record(run_dir / stage, replica).get(name) for name in SUMMARY_METRICS[stage]}
+    if stage == "reward":
+        return row
+    if replica is None:
+        cfg, tokenizer, params = load_trained(run_dir / stage)
+    else:
+        cfg, tokenizer, stacked = load_population(run_dir / stage)
+        params = population_lib.take(stacked, replica)
+    if cfg.data.resolved_source == "world":
         for name, temperature in (("gold_sampled", 1.0), ("gold_greedy", 0.0)):
             result = gold_eval(cfg, params, tokenizer, gold_prompts, max_new_tokens=32, temperature=temperature)
-            summary[stage][name] = 100 * result["gold_score"]
-    return summary
+            row[name] = 100 * result["gold_score"]
+    return row
 
 
 def format_summary(summary: dict) -> str:

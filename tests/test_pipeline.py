@@ -104,6 +104,23 @@ def test_a_population_pipeline_trains_replica_i_of_each_stage_from_replica_i(tmp
     assert metrics["base.val_loss"] == replicas[1]["base"]["val_loss"]
 
 
+def test_a_ppo_population_after_ordinary_stages_shares_their_rows(finished_pipeline, tmp_path):
+    """--ppo.train.population 2 alone: PPO's seeds over the finished base, SFT and reward runs,
+    whose summary rows are every replica's (and the ordinary pipeline's)."""
+    run_dir, ordinary = finished_pipeline
+    for stage in ("base", "sft", "reward"):
+        shutil.copytree(run_dir / stage, tmp_path / "run" / stage)
+    configs = pipeline.pipeline_configs("tiny", tmp_path / "run", {"model": SMALL},
+                                        {"ppo": {"train": {"population": 2}}})
+    configs = {stage: config.replace(cfg, **STAGE_CHANGES[stage]) for stage, cfg in configs.items()}
+    summary = pipeline.run_pipeline(configs, tmp_path / "run", gold_prompts=16)
+    assert rundir.read_config(tmp_path / "run" / "ppo").train.strategy == "single"
+    first, second = summary["replicas"]
+    for stage in ("base", "sft", "reward"):
+        assert first[stage] == second[stage] == summary[stage] == ordinary[stage], stage
+    assert first["ppo"] != second["ppo"]
+
+
 def test_ppo_resumes_exactly(finished_pipeline, tmp_path):
     """Stop after iteration 2 of 4, relaunch: the same records and the same final policy as a run
     that never stopped (policy, value, optimizer, KL controller, PRNG and prompt stream)."""
