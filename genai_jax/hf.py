@@ -38,7 +38,7 @@ from genai_jax.model import grow_vocab, init_params, mlp_hidden
 from genai_jax.parallel import Mesh, host_peak_mib
 from genai_jax.reward import NORMALIZATION_FILE, load_normalization
 from genai_jax.runs import load_saved, load_trained, with_vocab
-from genai_jax.tokenizer import HFTokenizer
+from genai_jax.tokenizer import CHAT_TEMPLATE, END, HFTokenizer
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -463,10 +463,14 @@ def _zero_filled(params: dict, export_cfg: ModelConfig) -> dict:
 
 
 def _tokenizer_files(tokenizer) -> dict[str, str]:
-    """tokenizer.json and tokenizer_config.json of an HF tokenizer (none for the other kinds)."""
+    """tokenizer.json and tokenizer_config.json of an HF tokenizer (none for the other kinds); a
+    tokenizer with this project's chat tokens and no template of its own gets this project's
+    template as its `chat_template`."""
     if not isinstance(tokenizer, HFTokenizer):
         return {}
-    config = tokenizer.tokenizer_config or {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config = dict(tokenizer.tokenizer_config or {"tokenizer_class": "PreTrainedTokenizerFast"})
+    if tokenizer.chat_template is None and tokenizer.tokenizer.token_to_id(END) is not None:
+        config["chat_template"] = CHAT_TEMPLATE
     return {"tokenizer.json": tokenizer.tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2)}
 
 

@@ -386,6 +386,10 @@ def load_tokenizer(directory: epath.Path) -> Tokenizer:
 # model answers until it emits <|end|>. A Hugging Face tokenizer with a chat template uses the
 # model's own template instead (`_encode_template_chat`).
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# The same template in Hugging Face's Jinja form, written into an export's tokenizer_config.json
+# so that other tools (transformers' apply_chat_template, vLLM) render chats as the model learned.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def _uses_model_template(tokenizer: Tokenizer) -> bool:

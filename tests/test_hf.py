@@ -391,9 +391,20 @@ def test_sft_and_generate_from_an_imported_chat_model(capsys, tmp_path, template
     if template == "model":
         assert exported.apply_chat_template(CHAT, tokenize=False) == bpe_and_template().apply_chat_template(
             CHAT, tokenize=False)
-    else:  # the added tokens and the grown embedding travel with the export
-        assert exported.convert_tokens_to_ids("<|end|>") == load_tokenizer(tmp_path / "sft").special_id("<|end|>")
+    else:  # the added tokens, the grown embedding and the project's template travel with the export
+        ours = load_tokenizer(tmp_path / "sft")
+        assert exported.convert_tokens_to_ids("<|end|>") == ours.special_id("<|end|>")
         assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size == VOCAB
+        for generation_prompt in (False, True):
+            theirs = exported.apply_chat_template(CHAT, tokenize=True, return_dict=False,
+                                                  add_generation_prompt=generation_prompt)
+            assert list(theirs) == encode_chat(ours, CHAT, generation_prompt)[0].tolist()
+        # imported back, the template renders the same tokens and loss mask, and <|end|> still stops
+        hf.import_hf(tmp_path / "out", tmp_path / "again")
+        again = load_tokenizer(tmp_path / "again")
+        for a, b in zip(encode_chat(again, CHAT), encode_chat(ours, CHAT)):
+            np.testing.assert_array_equal(a, b)
+        assert stop_ids(again)[0] == ours.special_id("<|end|>")
 
 
 @pytest.mark.slow
