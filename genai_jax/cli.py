@@ -162,11 +162,12 @@ class ScoreArgs:
 @dataclass(frozen=True)
 class ImportHFArgs:
     """Make a run directory of a local Hugging Face model folder (GPT-2, Llama, Qwen2: config.json,
-    model.safetensors or its sharded index, tokenizer.json); every stage's --init-from, ppo's
-    --policy, eval, generate and chat then take it."""
+    model.safetensors or its sharded index, tokenizer.json) or of a llama.cpp GGUF file (Llama,
+    Qwen2; dequantized to float32, tokenizer and chat template from its metadata: the `real`
+    extra); every stage's --init-from, ppo's --policy, eval, generate and chat then take it."""
 
     source: Annotated[str, tyro.conf.arg(name="from")]
-    """The Hugging Face model folder."""
+    """The Hugging Face model folder, or a .gguf file."""
     run_dir: str
     """The run directory to create (must be new or empty)."""
     fsdp: int = 1

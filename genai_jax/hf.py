@@ -30,7 +30,7 @@ from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from genai_jax import rundir
+from genai_jax import gguf_file, rundir
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig, ModelConfig, RunConfig, UserError
 from genai_jax.distributed import say
@@ -335,10 +335,43 @@ def _shapes(files: dict[str, epath.Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(family: str, cfg: ModelConfig, files: dict[str, epath.Path], folder: epath.Path) -> list[Link]:
+@dataclass(frozen=True)
+class Tensors:
+    """A checkpoint's tensors by Hugging Face name: `shapes` (known without reading the data),
+    `where(name)` (the file a tensor is in, for errors), `source` (what defined the shapes:
+    config.json or a GGUF file's metadata) and `open()`, a context whose value reads one tensor by
+    name as an array."""
+
+    shapes: dict[str, tuple[int, ...]]
+    where: Callable[[str], str]
+    source: str
+    open: Callable[[], contextlib.AbstractContextManager]
+
+
+def safetensors_tensors(folder: epath.Path) -> Tensors:
+    """The tensors of a model folder's safetensors files (`tensor_files`)."""
+    files = tensor_files(folder)
+
+    @contextlib.contextmanager
+    def open_files():
+        with contextlib.ExitStack() as stack:
+            handles = {file: stack.enter_context(safe_open(os.fspath(file), framework="flax"))
+                       for file in sorted(set(files.values()))}
+            yield lambda name: handles[files[name]].get_tensor(name)
+
+    return Tensors(_shapes(files), lambda name: files[name].name, "config.json", open_files)
+
+
+def gguf_tensors(file) -> Tensors:
+    """The tensors of a `gguf_file.GGUFFile`, dequantized as they are read."""
+    shapes, where, read = gguf_file.tensors(file, gguf_file.hf_config(file))
+    return Tensors(shapes, where, f"{os.path.basename(file.path)}'s metadata", lambda: contextlib.nullcontext(read))
+
+
+def check_tensors(family: str, cfg: ModelConfig, tensors: Tensors, folder: epath.Path) -> list[Link]:
     """The links of `cfg`, once every tensor they need is there with the shape `cfg` implies and
     no tensor is left over (but buffers, and a tied model's redundant lm_head.weight)."""
-    shapes = _shapes(files)
+    shapes = tensors.shapes
     table = links(family, cfg, _prefix(family, shapes))
     abstract = _abstract_params(cfg)
     for link in table:
@@ -347,30 +380,27 @@ def check_tensors(family: str, cfg: ModelConfig, files: dict[str, epath.Path], f
             if name not in shapes:
                 raise UserError(f"{folder}: tensor {name} is missing from the checkpoint")
             if shapes[name] != want.shape:
-                raise UserError(f"{files[name]}: tensor {name} has shape {list(shapes[name])}, "
-                                f"config.json implies {list(want.shape)}")
+                raise UserError(f"{tensors.where(name)}: tensor {name} has shape {list(shapes[name])}, "
+                                f"{tensors.source} implies {list(want.shape)}")
     used = {name for link in table for name in link.names}
     for name in shapes:
         ignorable = name.endswith(_BUFFER_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings)
         if name not in used and not ignorable:
-            raise UserError(f"{files[name].name}: tensor {name} has no place in a {family} language model")
+            raise UserError(f"{tensors.where(name)}: tensor {name} has no place in a {family} language model")
     return table
 
 
-def read_params(table: list[Link], files: dict[str, epath.Path], shardings: dict | None = None) -> dict:
+def read_params(table: list[Link], tensors: Tensors, shardings: dict | None = None) -> dict:
     """The param tree, read tensor by tensor (each converted to float32 as it is placed, so the
     checkpoint never sits in memory whole beside the params): on the default device, or with
     `shardings` (a tree like the params', `Mesh.model_sharding`) each param made on the host and
     put straight onto its devices as FSDP shards, so no device holds the whole model."""
     params: dict = {}
     staging = None if shardings is None else jax.devices("cpu")[0]
-    with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(os.fspath(file), framework="flax"))
-                   for file in sorted(set(files.values()))}
+    with tensors.open() as read:
         for link in table:
             with jax.default_device(staging):
-                param = link.fuse([jnp.asarray(handles[files[name]].get_tensor(name), jnp.float32)
-                                   for name in link.names])
+                param = link.fuse([jnp.asarray(read(name), jnp.float32) for name in link.names])
             _set(params, link.path, param if shardings is None else jax.device_put(param, _get(shardings, link.path)))
     return {"params": params}
 
@@ -399,8 +429,22 @@ def _import_mesh(fsdp: int) -> Mesh | None:
     return Mesh(fsdp=fsdp) if fsdp > 1 else None
 
 
+def _read_source(source: epath.Path) -> tuple[str, ModelConfig, HFTokenizer, Tensors, dict]:
+    """(family, model config, tokenizer, tensors, record fields) of a Hugging Face model folder or
+    of a GGUF file (`gguf_file`: read as the folder it was converted from, dequantized)."""
+    if source.suffix != ".gguf":
+        family, cfg = model_config(_read_config(source), str(source / rundir.CONFIG_FILE))
+        return family, cfg, HFTokenizer.from_path(source), safetensors_tensors(source), {}
+    file = gguf_file.GGUFFile(source)
+    family, cfg = model_config(gguf_file.hf_config(file), f"{source}'s metadata")
+    special, tokenizer_config = gguf_file.special_tokens(file)
+    tokenizer = HFTokenizer(gguf_file.tokenizer_json(file), special, tokenizer_config)
+    return family, cfg, tokenizer, gguf_tensors(file), {"gguf_types": gguf_file.quantization(file)}
+
+
 def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike, fsdp: int = 1) -> dict:
-    """Make `run_dir` a run directory holding the Hugging Face model in `folder`: its config as
+    """Make `run_dir` a run directory holding the Hugging Face model in `folder` (a model folder
+    or a `.gguf` file, dequantized to float32): its config as
     this project's (model section from config.json, data.tokenizer=hf), its tokenizer, and a step-0
     checkpoint of the params alone (`runs.load_trained` reads only those) that every stage and
     command loads. A model
@@ -412,19 +456,17 @@ def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike, fsdp: int =
     start = time.perf_counter()
     folder, run_dir = epath.Path(folder), epath.Path(run_dir)
     mesh = _import_mesh(fsdp)
-    family, source_cfg = model_config(_read_config(folder), str(folder / rundir.CONFIG_FILE))
-    tokenizer = HFTokenizer.from_path(folder)
+    family, source_cfg, tokenizer, tensors, source_record = _read_source(folder)
     if tokenizer.chat_template is None:  # chats will use this project's template: add its tokens
         tokenizer = tokenizer.with_chat_tokens()
     model_cfg = dataclasses.replace(source_cfg, vocab_size=max(source_cfg.vocab_size, tokenizer.vocab_size))
     cfg = with_vocab(RunConfig(model=model_cfg, data=DataConfig(tokenizer="hf", tokenizer_path=os.fspath(folder))),
                      tokenizer)
-    files = tensor_files(folder)
-    table = check_tensors(family, source_cfg, files, folder)
+    table = check_tensors(family, source_cfg, tensors, folder)
     _check_empty(run_dir, "--run-dir")
 
     shardings = None if mesh is None else mesh.model_sharding(_abstract_params(source_cfg))
-    params = read_params(table, files, shardings)
+    params = read_params(table, tensors, shardings)
     if model_cfg.vocab_size > source_cfg.vocab_size:
         params = grow_vocab(params, model_cfg.vocab_size)
         params = mesh.place_model(params) if mesh else params  # the grown embedding as shards too
@@ -436,7 +478,7 @@ def import_hf(folder: str | os.PathLike, run_dir: str | os.PathLike, fsdp: int =
     record = {"step": 0, "imported_from": os.fspath(folder), "family": family,
               "n_params": sum(x.size for x in jax.tree.leaves(params)),
               "chat_template": "model" if tokenizer.chat_template is not None else "genai-jax",
-              "source_vocab_size": source_cfg.vocab_size, "fsdp": fsdp,
+              "source_vocab_size": source_cfg.vocab_size, "fsdp": fsdp, **source_record,
               "import_seconds": time.perf_counter() - start, "host_peak_mib": host_peak_mib()}
     writer = rundir.MetricsWriter(run_dir)
     writer.write(record)

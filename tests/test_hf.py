@@ -183,7 +183,7 @@ def test_an_fsdp_import_puts_each_param_on_its_shards_and_saves_the_same_params(
                        rtol=0, atol=0)
 
     family, cfg = hf.model_config(json.loads((tmp_path / "hf" / "config.json").read_text()), "config.json")
-    files = hf.tensor_files(epath.Path(tmp_path / "hf"))
+    files = hf.safetensors_tensors(epath.Path(tmp_path / "hf"))
     table = hf.check_tensors(family, cfg, files, tmp_path / "hf")
     mesh = Mesh(fsdp=4)
     abstract = jax.eval_shape(lambda: hf.read_params(table, files))

@@ -176,12 +176,7 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 def saved_state(run_dir):
     """The latest TrainState of a stage run, as its checkpoint holds it (a LoRA tree's base too)."""
-    cfg = rundir.read_config(run_dir)
-    init_fn = runs.make_ppo_init_fn(cfg) if cfg.ppo.policy else runs.make_stage_init_fn(cfg)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    state, _ = checkpointer.restore(runs.restore_target(jax.eval_shape(init_fn), runs.Single()))
-    checkpointer.close()
-    return state
+    return runs.restore_latest(run_dir, runs.make_run_init_fn(rundir.read_config(run_dir)))[0]
 
 
 @pytest.mark.slow
