@@ -60,7 +60,7 @@ def main(args: Args) -> None:
     total = sum(seconds.values())
     print(f"{cfg.ppo.algorithm}: {len(records)} iterations of {cfg.train.batch_size} prompts x {cfg.ppo.group_size} "
           f"samples x {cfg.ppo.max_new_tokens} new tokens, {cfg.ppo.epochs} epochs x {cfg.ppo.minibatches} minibatches")
-    print(f"packed minibatches: {packed_rows} rows of {cfg.model.context_len} tokens, "
+    print(f"packed minibatches: {packed_rows} rows of {records[0]['packed_width']} tokens, "
           f"{100 * np.mean([r['packed_updates'] for r in records]):.0f}% of the updates" if packed_rows else "no packing")
     print(f"generation: {np.mean([r['generate_tokens_per_s'] for r in records]):,.0f} tokens/s")
     print(f"per iteration: {total * 1000:.0f} ms = " + ", ".join(

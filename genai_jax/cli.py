@@ -38,8 +38,9 @@ import tyro
 from etils import epath
 
 from genai_jax import distributed, overrides, rundir
-from genai_jax.config import (GOLD_PROMPTS, DataConfig, DPOConfig, LoRAConfig, ModelConfig, ObjectiveConfig, OptimConfig,
-                              PopulationConfig, PPOConfig, RunConfig, TrainConfig, UserError, preset)
+from genai_jax.config import (GOLD_PROMPTS, PRETRAINED_PRESETS, DataConfig, DPOConfig, LoRAConfig, ModelConfig,
+                              ObjectiveConfig, OptimConfig, PopulationConfig, PPOConfig, RunConfig, TrainConfig, UserError,
+                              fine_tuning_lr, preset)
 from genai_jax.distributed import say
 
 FINE_TUNING_STAGES = ("sft", "reward", "dpo")
@@ -51,7 +52,9 @@ class StageArgs:
     """Train one stage. Running it again on the same --run-dir resumes from the latest checkpoint."""
 
     preset: str = "tiny"
-    """Named preset supplying every default (tiny, shakespeare-char-cpu, shakespeare-char, gpt2-small)."""
+    """Named preset supplying every default (tiny, shakespeare-char-cpu, shakespeare-char, gpt2-small;
+    pretrained-cpu, pretrained-gpu for a model imported with import-hf, chosen by default when the
+    --init-from or --policy run descends from one)."""
     run_dir: str = ""
     """Run directory (default runs/<preset>-<stage>)."""
     init_from: str = ""
@@ -110,8 +113,30 @@ def _flag_value(argv: list[str], flag: str, default: str = "") -> str:
     return default
 
 
-def _preset_name(argv: list[str]) -> str:
-    return _flag_value(argv, "--preset", StageArgs.preset)
+def _given(argv: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)
+
+
+def _preset_name(argv: list[str], start_run: str = "") -> str:
+    """--preset's value; without one, `tiny`, or for a stage starting from a model imported with
+    import-hf (`start_run`'s lineage) the pretrained preset of this machine: pretrained-gpu where
+    JAX has an accelerator, else pretrained-cpu."""
+    if _given(argv, "--preset") or not start_run or not rundir.pretrained_elsewhere(start_run):
+        return _flag_value(argv, "--preset", StageArgs.preset)
+    import jax
+
+    name = "pretrained-cpu" if jax.default_backend() == "cpu" else "pretrained-gpu"
+    say(f"preset {name}: {start_run} descends from a model imported with import-hf (--preset to choose another)")
+    return name
+
+
+def _with_lora_lr(args: StageArgs, argv: list[str], stage: str) -> StageArgs:
+    """A pretrained preset's learning rates for LoRA when lora.rank is set (FINE_TUNING_LR's second
+    column), unless --optim.lr or --optim.min-lr is given (then the flags and the preset's rates)."""
+    if (args.preset not in PRETRAINED_PRESETS or not args.lora.rank
+            or _given(argv, "--optim.lr") or _given(argv, "--optim.min-lr")):
+        return args
+    return dataclasses.replace(args, optim=dataclasses.replace(args.optim, **fine_tuning_lr(stage, args.lora.rank)))
 
 
 def _init_run_model(stage_model: ModelConfig, init_run: str) -> ModelConfig:
@@ -227,7 +252,8 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     """(config, run_dir) from `--preset NAME` defaults for `stage`, overridden by the other flags
     (`--population.SECTION.FIELD v1,v2,...` fill `population.axes`)."""
     argv, axes = overrides.parse_population_flags(argv)
-    name = _preset_name(argv)
+    start_run = _flag_value(argv, "--policy" if stage == "ppo" else "--init-from")
+    name = _preset_name(argv, start_run if stage != "pretrain" else "")
     base = preset(name, stage)
     init_run = _flag_value(argv, "--init-from") if stage in FINE_TUNING_STAGES else ""
     if init_run:
@@ -237,6 +263,7 @@ def parse_stage(argv: list[str], stage: str) -> tuple[RunConfig, str]:
     args = tyro.cli(StageArgs, default=defaults, args=argv, prog=f"genai-jax {stage}")
     if args.preset != name:
         raise UserError("--preset was given twice with different values")
+    args = _with_lora_lr(args, argv, stage)
     if stage != "ppo" and (args.policy or args.reward):
         raise UserError(f"--policy and --reward belong to `genai-jax ppo`, not `genai-jax {stage}`")
     cfg = dataclasses.replace(args.run_config(), population=PopulationConfig(axes))

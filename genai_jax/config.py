@@ -111,7 +111,9 @@ class DataConfig:
     tokenizer.json file or the Hugging Face model folder holding it."""
     val_fraction: float = 0.1
     seq_len: int = 0
-    """Training sequence length; 0 means the model's context length."""
+    """Training sequence length; 0 means the model's context length; -1 (SEQ_LEN_FROM_DATA, the
+    pretrained-* presets) the fine-tuning data's longest example, rounded up to a multiple of 64
+    and at most the context length."""
     world_docs: int = 20000
     """Number of documents in the synthetic world's pretraining corpus."""
     world_chats: int = 8000
@@ -404,6 +406,42 @@ _GPT2_SMALL = RunConfig(
     ),
 )
 
+# Fine-tuning a model pretrained elsewhere (`import-hf`): every model field comes from the imported
+# run, sequences are as long as the data needs (a real model's context, 8192 for SmolLM2, would
+# not fit a CPU step), and learning rates are the field's usual ones for pretrained models
+# (FINE_TUNING_LR). `pretrained-cpu` fits 2 CPU cores with a 135M model; `pretrained-gpu` one GPU.
+SEQ_LEN_FROM_DATA = -1
+_PRETRAINED_CPU = RunConfig(
+    optim=OptimConfig(lr=2e-5, min_lr=2e-6, warmup_steps=10, weight_decay=0.0, clip_norm=1.0),
+    data=DataConfig(seq_len=SEQ_LEN_FROM_DATA, pack=True),
+    train=TrainConfig(batch_size=8, max_steps=100, eval_every=25, ckpt_every=25, eval_batches=4, sample_tokens=0),
+)
+_PRETRAINED_GPU = replace(_PRETRAINED_CPU, optim={"warmup_steps": 50},
+                          train={"batch_size": 32, "max_steps": 1000, "eval_every": 100, "ckpt_every": 100,
+                                 "eval_batches": 16})
+PRETRAINED_PRESETS = ("pretrained-cpu", "pretrained-gpu")
+
+FINE_TUNING_LR: dict[str, tuple[float, float]] = {"sft": (2e-5, 2e-4), "reward": (1e-5, 1e-4), "dpo": (1e-6, 1e-5),
+                                                  "ppo": (1e-6, 1e-5)}
+"""The pretrained-* presets' learning rate per stage, (full fine-tuning, LoRA): SFT 2e-5 (as
+Alpaca and TRL's SFT examples), a reward model 1e-5 (InstructGPT's 9e-6), DPO and RL 1e-6 (TRL's
+DPO default; InstructGPT's PPO 9.65e-6 at 1.3B); adapters train with 10x the rate."""
+
+
+def fine_tuning_lr(stage: str, lora_rank: int) -> dict:
+    """The optim fields a pretrained-* preset sets for `stage`: lr and min_lr = lr / 10."""
+    lr = FINE_TUNING_LR[stage][1 if lora_rank else 0]
+    return {"lr": lr, "min_lr": lr / 10}
+
+
+_PRETRAINED_STAGES = {
+    "sft": {},
+    "reward": {"model": {"head": "scalar"}},
+    "dpo": {},
+    "ppo": {"ppo": {"max_new_tokens": 64, "value_lr": 1e-5, "kl_coef": 0.05},
+            "train": {"batch_size": 8, "max_steps": 50, "eval_every": 10, "ckpt_every": 10}},
+}
+
 # Per-stage changes to a preset (stages after pretraining fine-tune: fewer steps, lower rates).
 STAGE_OVERRIDES: dict[str, dict[str, dict[str, dict]]] = {
     "reward": {
@@ -442,6 +480,8 @@ PRESETS: dict[str, RunConfig] = {
     "shakespeare-char-cpu": _SHAKESPEARE_CPU,
     "shakespeare-char": _SHAKESPEARE_GPU,
     "gpt2-small": _GPT2_SMALL,
+    "pretrained-cpu": _PRETRAINED_CPU,
+    "pretrained-gpu": _PRETRAINED_GPU,
 }
 
 
@@ -449,5 +489,11 @@ def preset(name: str, stage: str = "pretrain") -> RunConfig:
     """A named preset's config for one stage of the pipeline."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    if name in PRETRAINED_PRESETS:
+        if stage not in _PRETRAINED_STAGES:
+            raise UserError(f"--preset {name} fine-tunes a model imported with import-hf (sft, reward, dpo, ppo), "
+                            f"not {stage}")
+        stage_fields = _PRETRAINED_STAGES[stage]
+        return replace(PRESETS[name], **stage_fields, optim=fine_tuning_lr(stage, 0))
     overrides = STAGE_OVERRIDES.get(stage, {})
     return replace(PRESETS[name], **overrides.get(name, overrides.get("*", {})))

@@ -72,7 +72,7 @@ def memory_mib(compiled) -> dict[str, float] | None:
     return {name: size / 2**20 for name, size in sizes.items()}
 
 
-TRAIN_STEP_ADVICE = "lower train.batch_size, raise optim.grad_accum or set model.remat"
+TRAIN_STEP_ADVICE = "lower train.batch_size or data.seq_len, raise optim.grad_accum or set model.remat"
 
 
 def peak_record(name: str, memory: dict[str, float] | None) -> dict[str, float]:
@@ -86,21 +86,46 @@ def host_peak_mib() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def host_available_mib() -> float | None:
+    """The host memory the kernel could give this process now (Linux's MemAvailable), in MiB;
+    None where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+    except OSError:
+        return None
+    return int(fields["MemAvailable"].split()[0]) / 2**10
+
+
+def free_mib(device) -> tuple[float, str] | None:
+    """(MiB free for a program's temporaries, where) on `device`: an accelerator's own memory
+    stats, or for a CPU device its share of the host's available memory (the CPU devices of a
+    process share it); None where neither is known."""
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        return (stats["bytes_limit"] - stats["bytes_in_use"]) / 2**20, f"free on {device.device_kind}"
+    available = host_available_mib() if getattr(device, "platform", None) == "cpu" else None
+    if available is None:
+        return None
+    return available / jax.local_device_count(), "of host memory available to each CPU device"
+
+
 def check_fits(memory: dict[str, float] | None, device, program: str = "the train step",
                advice: str | Callable[[float, float], str] = TRAIN_STEP_ADVICE) -> None:
     """Refuse a compiled program needing more than `device`'s free memory before it first runs (XLA
-    on GPU compiles one anyway and fails at its first allocation; the TPU compiler refuses it
-    itself). The arguments are on the device already; backends without memory stats (CPU) pass.
-    `advice` may be a function of the MiB needed and free (a population's says how many fit)."""
-    stats = device.memory_stats()
-    if memory is None or not stats or "bytes_limit" not in stats:
+    on GPU compiles one anyway and fails at its first allocation, on CPU with a traceback or the
+    kernel's OOM killer; the TPU compiler refuses it itself). The arguments are on the device
+    already. `advice` may be a function of the MiB needed and free (a population's says how many
+    fit)."""
+    free = free_mib(device)
+    if memory is None or free is None:
         return
-    free = (stats["bytes_limit"] - stats["bytes_in_use"]) / 2**20
+    free, where = free
     needed = memory["peak"] - memory["arguments"]
     if needed > free:
         raise UserError(
-            f"{program} needs {needed:,.0f} MiB more per device than the {free:,.0f} MiB free on "
-            f"{device.device_kind}; {advice(needed, free) if callable(advice) else advice}"
+            f"{program} needs {needed:,.0f} MiB more per device than the {free:,.0f} MiB {where}; "
+            f"{advice(needed, free) if callable(advice) else advice}"
         )
 
 

@@ -1,7 +1,8 @@
 """The whole recipe in one call: pretrain -> sft -> reward -> ppo into one directory.
 
 Each stage gets its own sub-directory (base/, sft/, reward/, ppo/) and its preset's per-stage
-config; a stage whose run already reached its last step is skipped, an unfinished one resumes.
+config; a finished stage (`completion.finished`: its last step reached, a reward model's
+normalisation written) is skipped, an unfinished one resumes.
 At the end every policy (base, SFT, PPO) is scored on the same held-out prompts, sampled and
 greedy, and a summary table is printed and saved as summary.json.
 """
@@ -18,11 +19,10 @@ from etils import epath
 from genai_jax import config as config_lib
 from genai_jax import population as population_lib
 from genai_jax import rlhf, rundir, stages
-from genai_jax.checkpoint import Checkpointer
+from genai_jax.completion import finished
 from genai_jax.config import GOLD_PROMPTS, RunConfig
 from genai_jax.distributed import say
 from genai_jax.evaluation import gold_eval
-from genai_jax.reward import NORMALIZATION_FILE
 from genai_jax.runs import final_record, load_population, load_trained
 
 STAGES = ("base", "sft", "reward", "ppo")
@@ -54,18 +54,6 @@ def pipeline_configs(preset_name: str, run_dir: str | os.PathLike, overrides: di
     return configs
 
 
-def finished(stage_dir: epath.Path, cfg: RunConfig) -> bool:
-    """Whether a stage's run directory holds its final checkpoint (and, for the reward model, the
-    normalisation written after it)."""
-    if not (stage_dir / rundir.CONFIG_FILE).exists():
-        return False
-    checkpointer = Checkpointer(stage_dir / "checkpoints")
-    last = checkpointer.latest_step()
-    checkpointer.close()
-    done = last is not None and last >= cfg.train.max_steps
-    return done and (cfg.model.head != "scalar" or (stage_dir / NORMALIZATION_FILE).exists())
-
-
 def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold_prompts: int = GOLD_PROMPTS) -> dict:
     """Run (or resume, or skip) every stage, then evaluate and summarise. Returns the summary (with
     several processes, process 0 alone writes and returns it; the others return {})."""
@@ -75,7 +63,7 @@ def run_pipeline(configs: dict[str, RunConfig], run_dir: str | os.PathLike, gold
     run_dir = epath.Path(run_dir)
     for stage in STAGES:
         stage_dir = run_dir / stage
-        if finished(stage_dir, configs[stage]):
+        if finished(stage_dir, configs[stage].train.max_steps):
             say(f"pipeline: {stage} already finished in {stage_dir}, skipping")
             continue
         say(f"pipeline: {stage} -> {stage_dir}")

@@ -20,9 +20,10 @@ import jax
 import numpy as np
 from etils import epath
 
+from genai_jax.completion import NORMALIZATION_FILE
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
-from genai_jax.data.chat import response_tokens
+from genai_jax.data.chat import fitted_seq_len, prompt_tail, response_tokens
 from genai_jax.data.preferences import PreferenceGroup, read_preferences_jsonl
 from genai_jax.distributed import say
 from genai_jax.evaluation import respond
@@ -30,8 +31,9 @@ from genai_jax.model import GPT
 from genai_jax.objectives.bradley_terry import sequence_rewards
 from genai_jax.tokenizer import Tokenizer
 
-NORMALIZATION_FILE = "reward_normalization.json"
-_SAMPLE_TOKENS = 16
+SAMPLE_TOKENS = 16
+"""New tokens of each policy sample: world pairs' answers and the normalisation's."""
+NORMALIZATION_PROMPTS = 256
 
 
 def world_preferences(cfg: RunConfig, policy_params, tokenizer: Tokenizer, problems: list[world.Problem],
@@ -39,7 +41,7 @@ def world_preferences(cfg: RunConfig, policy_params, tokenizer: Tokenizer, probl
     """(groups with noisy labels, whether each label agrees with gold) for `problems`."""
     rng = np.random.default_rng(seed)
     chats = [world.chat(p)[:1] for p in problems]
-    generation = dict(max_new_tokens=_SAMPLE_TOKENS, temperature=1.0)
+    generation = dict(max_new_tokens=SAMPLE_TOKENS, temperature=1.0)
     first = respond(cfg, policy_params, tokenizer, chats, seed=seed, **generation)
     second = respond(cfg, policy_params, tokenizer, chats, seed=seed + 1, **generation)
     groups, agrees = [], []
@@ -87,13 +89,16 @@ def score_rows(score, params, tokens: np.ndarray, mask: np.ndarray, batch_size: 
 
 def raw_scores(cfg: RunConfig, params, tokenizer: Tokenizer, prompts: list[list[dict]], responses: list[str],
                batch_size: int = 64) -> np.ndarray:
-    """Unnormalised rewards of each (prompt, response)."""
-    length = cfg.model.context_len
+    """Unnormalised rewards of each (prompt, response), in rows as long as the longest needs
+    (`fitted_seq_len`: a pretrained model's context of thousands of tokens would make every row
+    that long), each keeping its last `model.context_len` tokens."""
+    encoded = [response_tokens(tokenizer, prompt, response, cfg.model.context_len)[0]
+               for prompt, response in zip(prompts, responses)]
+    length = fitted_seq_len(max(map(len, encoded)), cfg.model.context_len)
     tokens = np.full((len(prompts), length), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        encoded = response_tokens(tokenizer, prompt, response, length)[0]
-        tokens[row, : len(encoded)], mask[row, : len(encoded)] = encoded, 1
+    for row, sequence in enumerate(encoded):
+        tokens[row, : len(sequence)], mask[row, : len(sequence)] = sequence, 1
     return score_rows(partial(_rewards, cfg=cfg.model), params, tokens, mask, batch_size)
 
 
@@ -126,11 +131,19 @@ def load_preference_groups(cfg) -> tuple[list[PreferenceGroup], list[PreferenceG
     """(train, validation) groups of a JSONL file: its last `val_fraction` validates."""
     if cfg.resolved_source != "text":
         raise UserError(f"data.source {cfg.resolved_source!r} has no preferences (use world or --data.path FILE.jsonl)")
-    groups, skipped = read_preferences_jsonl(cfg.path, cfg.skip_malformed, cfg.max_responses)
+    groups, skipped = read_preferences_jsonl(cfg.path, cfg.skip_malformed, cfg.max_responses, "--data.skip-malformed")
     if skipped:
         say(f"{cfg.path}: skipped {skipped} malformed line(s)")
     n_val = int(len(groups) * cfg.val_fraction)
     return groups[: len(groups) - n_val], groups[len(groups) - n_val :]
+
+
+def normalization_prompts(cfg: RunConfig, tokenizer: Tokenizer, groups: list[PreferenceGroup]) -> list[list[dict]]:
+    """The training prompts the normalisation samples the policy on, each cut to its end (as the
+    training rows are) so that a sample of SAMPLE_TOKENS fits in the context: a file's prompts may
+    be far longer. Taken before training, so a context too short stops the stage before it starts."""
+    return [prompt_tail(tokenizer, group.prompt, cfg.model.context_len, SAMPLE_TOKENS)
+            for group in groups[:NORMALIZATION_PROMPTS]]
 
 
 def fit_normalization(scores: np.ndarray) -> dict[str, float]:

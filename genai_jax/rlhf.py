@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
 import os
-import sys
 import time
 from functools import partial
 from typing import Callable, NamedTuple
@@ -44,6 +42,7 @@ from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import loader, sources, world
 from genai_jax.data.conversations import prompt_line, read_prompts_jsonl
+from genai_jax.data.chat import fitted_seq_len
 from genai_jax.evaluation import bucketed_len, left_pad, policy_gold
 from genai_jax.model import GPT, count_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import sequence_rewards
@@ -57,13 +56,12 @@ from genai_jax.parallel import (Mesh, compile_step, host_copy, host_peak_mib, ma
                                 to_host)
 from genai_jax.runs import final_record, load_replicas, make_ppo_init_fn, open_run, restore_target
 from genai_jax.sampling import generate, is_stop
+from genai_jax.scorers import CODE_REWARD, checked_scores, load_reward_function
 from genai_jax.tokenizer import Tokenizer, decode_response, encode_chat, stop_ids
 from genai_jax.train import Preempted, PreemptionGuard, make_train_step
 
 GOLD_REWARD = "gold"
 """`ppo.reward` naming the task world's gold checker instead of a reward model run."""
-CODE_REWARD = "python:"
-"""The prefix of a `ppo.reward` naming a user's function, python:MODULE:FUNCTION."""
 
 
 def response_mask(response: jax.Array, end_ids: tuple[int, ...]) -> jax.Array:
@@ -346,41 +344,11 @@ def evaluate_policy(cfg: RunConfig, policy_params, tokenizer: Tokenizer, text: P
     return record
 
 
-def load_reward_function(spec: str) -> Callable:
-    """The user's `FUNCTION(prompts: list[str], responses: list[str]) -> list[float]` that
-    `python:MODULE:FUNCTION` names, MODULE imported as Python would from the working directory."""
-    module_name, _, function_name = spec.removeprefix(CODE_REWARD).partition(":")
-    if not module_name or not function_name:
-        raise UserError(f"--reward {spec}: expected python:MODULE:FUNCTION")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # whatever the module raises on import
-        raise UserError(f"--reward {spec}: cannot import {module_name} ({type(err).__name__}: {err})") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise UserError(f"--reward {spec}: {module_name} has no function {function_name}")
-    return function
-
-
 def code_scores(function: Callable, spec: str, prompts: Prompts, tokenizer: Tokenizer, rows: np.ndarray,
                 responses: np.ndarray) -> np.ndarray:
-    """The user's reward function's scores of the sampled responses, checked: one finite number each."""
+    """The user's reward function's scores of the sampled responses (`scorers.checked_scores`)."""
     texts = [decode_response(tokenizer, response)[0] for response in responses]
-    try:
-        values = function([prompts.texts[row] for row in rows], texts)
-        scores = np.asarray(values, np.float64)
-    except Exception as err:  # whatever the function raises, or values that are not numbers
-        raise UserError(f"--reward {spec} failed: {type(err).__name__}: {err}") from None
-    if scores.shape != (len(texts),):
-        raise UserError(f"--reward {spec} returned {scores.size} score(s) of shape {scores.shape} for "
-                        f"{len(texts)} responses; it must return one number per response")
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if len(bad):
-        raise UserError(f"--reward {spec} returned {scores[bad[0]]} for response {bad[0]} "
-                        f"({texts[bad[0]]!r}); scores must be finite")
-    return scores.astype(np.float32)
+    return checked_scores(function, spec, [prompts.texts[row] for row in rows], texts)
 
 
 def host_scorer(cfg: RunConfig, prompts: Prompts, tokenizer: Tokenizer) -> Callable | None:
@@ -480,14 +448,21 @@ def compile_rollout(cfg: RunConfig, params, frozen: dict, prompts: Prompts, plac
     return train_batch, peaks
 
 
+def packed_width(cfg: RunConfig, prompts: Prompts) -> int:
+    """The length of a packed row: room for two of the longest sequences (prompt width plus
+    `max_new_tokens`), rounded up to a multiple of 64, at most `model.context_len` (a pretrained
+    model's context, thousands of tokens, would make each row's attention needlessly long)."""
+    return fitted_seq_len(2 * (prompts.tokens.shape[1] + cfg.ppo.max_new_tokens - 1), cfg.model.context_len)
+
+
 def packed_rows(cfg: RunConfig, prompts: Prompts, minibatch_rows: int, divisor: int) -> int:
-    """Rows of `model.context_len` tokens a packed minibatch gets (`ppo.pack_rows`; 0 when packing
+    """Rows of `packed_width` tokens a packed minibatch gets (`ppo.pack_rows`; 0 when packing
     is off or would not compute fewer tokens than the unpacked minibatch), a multiple of `divisor`.
     By default: room for the minibatch's prompts (at their mean length) plus half of
     `max_new_tokens` each, and one row more for the slack of packing whole sequences."""
     if cfg.ppo.pack_rows < 0:
         return 0
-    width = cfg.model.context_len
+    width = packed_width(cfg, prompts)
     rows = cfg.ppo.pack_rows
     if rows == 0:
         expected_len = prompts.mask.sum(axis=1).mean() + cfg.ppo.max_new_tokens / 2
@@ -666,8 +641,9 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     steps = UpdateSteps(unpacked_step)
     pack_rows = packed_rows(cfg, prompts, minibatch_rows, strategy.batch_divisor * jax.process_count() * cfg.optim.grad_accum)
     if pack_rows:
-        packed_step, _ = compile_update(pack_rows, cfg.model.context_len, "train step on packed minibatches")
-        steps = UpdateSteps(unpacked_step, packed_step, (pack_rows, cfg.model.context_len))
+        width = packed_width(cfg, prompts)
+        packed_step, _ = compile_update(pack_rows, width, "train step on packed minibatches")
+        steps = UpdateSteps(unpacked_step, packed_step, (pack_rows, width))
 
     def evaluations() -> list[dict]:
         """Each replica's policy evaluated (`evaluate_policy`), whole on every process (a
@@ -684,6 +660,7 @@ def ppo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
                       // population.size,
                       **({"replicas": population.size} if population.stacked else {}),
                       "prompts": len(prompts.tokens), "prompt_len": prompts.tokens.shape[1], "packed_rows": pack_rows,
+                      "packed_width": packed_width(cfg, prompts),
                       **peak_record("step_memory_mib", memory), **rollout_memory})
         writer.write_all(population.log(0, evaluations()))
     show = cfg.train.progress and jax.process_index() == 0

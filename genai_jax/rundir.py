@@ -155,6 +155,22 @@ def imported_from(run_dir: str | os.PathLike) -> str | None:
     return records[0].get("imported_from") if records else None
 
 
+def pretrained_elsewhere(run_dir: str | os.PathLike) -> str | None:
+    """Where the model at the root of a run's lineage was imported from (`imported_from`): the run
+    itself, the run it was fine-tuned from (train.init_from; a PPO run's ppo.policy), and so on
+    back; None for a lineage pretrained here, or one whose runs are gone."""
+    run, seen = epath.Path(run_dir), set()
+    while (run / CONFIG_FILE).exists() and run not in seen:
+        seen.add(run)
+        if source := imported_from(run):
+            return source
+        cfg = read_config(run)
+        if not (parent := cfg.train.init_from or cfg.ppo.policy):
+            return None
+        run = epath.Path(parent)
+    return None
+
+
 def print_final(stage: str, run_dir, final: dict) -> None:
     """One line with a finished stage's final metrics (nothing on processes other than 0, whose
     `final` is empty)."""

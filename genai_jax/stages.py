@@ -22,10 +22,10 @@ from genai_jax import population as population_lib
 from genai_jax import reward as reward_lib
 from genai_jax import rundir
 from genai_jax.checkpoint import Checkpointer
-from genai_jax.config import RunConfig, UserError
+from genai_jax.config import SEQ_LEN_FROM_DATA, RunConfig, UserError
 from genai_jax.data import chat as chat_data
 from genai_jax.data import loader, sources
-from genai_jax.data.chat import build_preference_rows
+from genai_jax.data.chat import build_preference_rows, fitted_seq_len, longest_response
 from genai_jax.data.preferences import preference_line
 from genai_jax.distributed import say
 from genai_jax.evaluation import policy_gold, respond
@@ -47,6 +47,12 @@ def seq_len(cfg: RunConfig) -> int:
     if length > cfg.model.context_len:
         raise UserError(f"data.seq_len={length} is longer than model.context_len={cfg.model.context_len}")
     return length
+
+
+def with_data_seq_len(cfg: RunConfig, length: int) -> RunConfig:
+    """`cfg` with the sequence length its data gave when it asked for one (data.seq_len =
+    SEQ_LEN_FROM_DATA), so that the run's config.json records it and a resumed run compares alike."""
+    return config_lib.replace(cfg, data={"seq_len": length}) if cfg.data.seq_len == SEQ_LEN_FROM_DATA else cfg
 
 
 def check_config(cfg: RunConfig, stage: str) -> int:
@@ -196,7 +202,10 @@ def sft(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     cfg, tokenizer, base_params, _ = load_init(cfg, "sft", "sft needs --init-from RUN_DIR (a pretraining run)")
     length = check_config(cfg, "sft")
     train_chats, val_chats = chat_data.load_conversations(cfg.data)
-    train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length)
+    train_rows, train_stats = chat_data.encode_rows(train_chats, tokenizer, cfg.data, length,
+                                                    limit=cfg.model.context_len)
+    length = train_stats["seq_len"]
+    cfg = with_data_seq_len(cfg, length)
     val_rows = None
     if val_chats:
         val_rows = chat_data.encode_rows(val_chats, tokenizer, cfg.data, length, first=len(train_chats) + 1)[0]
@@ -237,7 +246,10 @@ def load_init(cfg: RunConfig, stage: str, missing: str) -> tuple[RunConfig, Toke
 
 def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     """Stage 2b: a reward model (the SFT trunk + a scalar head) trained with Bradley-Terry on
-    preference groups, then normalised on the SFT policy's samples. Returns the final metrics.
+    preference groups, then normalised on the SFT policy's samples for the ends of the training
+    prompts (`reward.normalization_prompts`). Returns the final metrics. A run stopped after its
+    last checkpoint but before its normalisation is unfinished (`completion.finished`): run again,
+    it restores that checkpoint, trains no step and fits the normalisation.
     A population from an SFT population: replica i's trunk, world pairs and normalisation samples
     come from SFT replica i."""
     run_dir = epath.Path(run_dir)
@@ -249,6 +261,8 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     population = population_lib.Population(cfg)
     policies = [sft_of(index) for index in range(population.size if per_replica else 1)]
     data = [preference_rows(cfg, policy_cfg, policy, tokenizer, length) for policy in policies]
+    cfg = with_data_seq_len(cfg, max(stats["seq_len"] for *_, stats in data))
+    prompts = [reward_lib.normalization_prompts(cfg, tokenizer, train_groups) for train_groups, *_ in data]
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     for *_, stats in data:
         say(f"reward data: {stats}")
@@ -271,16 +285,16 @@ def reward(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
             """Normalised on the policy's samples for training prompts; checked on a second,
             independent draw; the held-out pairs' accuracies."""
             own = index if per_replica else 0  # the replica's policy and data
-            train_groups, _, val_rows, val_agrees, _ = data[own]
-            prompts = [list(group.prompt) for group in train_groups[:256]]
+            _, _, val_rows, val_agrees, _ = data[own]
             fit_samples, check_samples = (
-                [r.text for r in respond(policy_cfg, policies[own], tokenizer, prompts, max_new_tokens=16, temperature=1.0,
+                [r.text for r in respond(policy_cfg, policies[own], tokenizer, prompts[own],
+                                         max_new_tokens=reward_lib.SAMPLE_TOKENS, temperature=1.0,
                                          seed=cfg.data.seed + offset)]
                 for offset in (11, 13)
             )
             normalization = reward_lib.fit_normalization(
-                reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts, fit_samples))
-            check = reward_lib.scores(cfg, reward_params, tokenizer, prompts, check_samples, normalization)
+                reward_lib.raw_scores(cfg, reward_params, tokenizer, prompts[own], fit_samples))
+            check = reward_lib.scores(cfg, reward_params, tokenizer, prompts[own], check_samples, normalization)
             result = {**normalization, "normalized_mean": float(np.mean(check)), "normalized_std": float(np.std(check))}
             if val_agrees is not None and val_rows is not None:
                 accuracy = reward_lib.pair_accuracy(cfg, reward_params, val_rows)
@@ -315,6 +329,7 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
     sft_params = sft_of(0)
     length = check_config(cfg, "dpo")
     _, train_rows, val_rows, val_agrees, stats = preference_rows(cfg, cfg, sft_params, tokenizer, length)
+    cfg = with_data_seq_len(cfg, stats["seq_len"])
     cfg, _ = open_run(cfg, run_dir, tokenizer.save)
     say(f"dpo data: {stats}")
     named_rows = {"train": train_rows} | ({"val": val_rows} if val_rows is not None else {})
@@ -359,8 +374,12 @@ def dpo(cfg: RunConfig, run_dir: str | os.PathLike) -> dict:
 
 def preference_rows(cfg: RunConfig, policy_cfg: RunConfig, policy_params, tokenizer: Tokenizer, length: int):
     """(train groups, train rows, validation rows or None, whether each validation label agrees
-    with gold or None, stats) of the reward and DPO stages (`reward_lib.preference_data`)."""
+    with gold or None, stats) of the reward and DPO stages (`reward_lib.preference_data`); a
+    `length` of SEQ_LEN_FROM_DATA is the longest prompt and response's (`fitted_seq_len`), and
+    stats' `seq_len` says which was used."""
     train_groups, val_groups, val_agrees = reward_lib.preference_data(cfg, policy_cfg, policy_params, tokenizer)
+    if length == SEQ_LEN_FROM_DATA:
+        length = fitted_seq_len(longest_response(train_groups + val_groups, tokenizer), cfg.model.context_len)
 
     def name(number: int) -> str:
         if cfg.data.resolved_source != "text":
@@ -374,7 +393,7 @@ def preference_rows(cfg: RunConfig, policy_cfg: RunConfig, policy_params, tokeni
         overlong = "truncate" if val_agrees is not None else cfg.data.overlong
         val_rows, _ = build_preference_rows(val_groups, tokenizer, length, overlong, first=len(train_groups) + 1,
                                             name=name)
-    return train_groups, train_rows, val_rows, val_agrees, stats
+    return train_groups, train_rows, val_rows, val_agrees, stats | {"seq_len": length}
 
 
 def sample_text(cfg: RunConfig, params, tokenizer: Tokenizer, prompt: np.ndarray, max_new_tokens: int,

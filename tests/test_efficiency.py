@@ -66,6 +66,13 @@ def test_a_step_bigger_than_the_free_device_memory_is_refused():
     check_fits(memory, FakeDevice({"bytes_limit": 700 * mib, "bytes_in_use": 100 * mib}))  # 501 MiB of 600
     with pytest.raises(UserError, match="501 MiB more per device than the 400 MiB free on Fake GPU"):
         check_fits(memory, FakeDevice({"bytes_limit": 500 * mib, "bytes_in_use": 100 * mib}))
+    cpu = FakeDevice(None)
+    cpu.platform = "cpu"  # no stats: its share of the host's available memory
+    check_fits(memory, cpu)
+    huge = dict(memory, temp=1e9, peak=1e9 + 201.0)
+    with pytest.raises(UserError, match="more per device than the .* MiB of host memory available to each CPU "
+                                        "device; lower train.batch_size or data.seq_len"):
+        check_fits(huge, cpu)
     with pytest.raises(UserError, match="^the rollout generate needs 501 MiB .*; lower ppo.max_new_tokens$"):
         check_fits(memory, FakeDevice({"bytes_limit": 500 * mib, "bytes_in_use": 100 * mib}), "the rollout generate",
                    "lower ppo.max_new_tokens")

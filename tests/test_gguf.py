@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from conftest import assert_one_error, run_cli
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from genai_jax import gguf_file, hf, runs
 from genai_jax.model import GPT

@@ -17,9 +17,9 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from genai_jax import hf, rundir, runs
+from genai_jax import cli, config, hf, rundir, runs
 from genai_jax.checkpoint import Checkpointer
-from genai_jax.config import DataConfig, RunConfig, UserError
+from genai_jax.config import SEQ_LEN_FROM_DATA, DataConfig, RunConfig, UserError
 from genai_jax.model import GPT, init_cache, with_scalar_head
 from genai_jax.optim import make_optimizer
 from genai_jax.parallel import Mesh, fsdp_spec
@@ -423,7 +423,7 @@ def test_the_readme_recipe_on_an_imported_chat_model(capsys, tmp_path):
     for name, lines in files.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     short = ["--train.batch-size", 8, "--train.max-steps", 2, "--train.eval-every", 2, "--train.eval-batches", 1,
-             "--train.no-progress", "--data.seq-len", 64]
+             "--train.no-progress"]  # every other setting from the pretrained-cpu preset
     commands = [
         ["import-hf", "--from", tmp_path / "hf", "--run-dir", tmp_path / "run"],
         ["sft", "--init-from", tmp_path / "run", "--run-dir", tmp_path / "sft", "--data.path", tmp_path / "chats.jsonl",
@@ -498,3 +498,33 @@ def test_a_reward_model_exports_as_a_one_label_sequence_classifier(tmp_path, nam
         logits = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()[:, 0]
     ours = np.asarray(GPT(cfg.model).apply(params, tokens, head="scalar"))[:, -1]
     np.testing.assert_allclose(logits + 0.3, ours, atol=1e-4)
+
+
+
+def test_a_stage_from_an_import_takes_the_pretrained_preset(capsys, tmp_path):
+    """Without --preset, a stage from an imported model (or from a run fine-tuned from one) takes
+    pretrained-cpu (no accelerator here): the field's fine-tuning rate, LoRA's with --lora.rank
+    unless --optim.lr or --optim.min-lr is given, and sequences sized by the data; --preset still
+    chooses, and the pretrained presets refuse to pretrain."""
+    save_chat_model(tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "run")
+
+    def parsed(stage, *argv):
+        cfg, _ = cli.parse_stage([str(a) for a in argv], stage)
+        return cfg
+
+    assert parsed("sft", "--init-from", tmp_path / "run").data.seq_len == SEQ_LEN_FROM_DATA
+    optims = {name: parsed("sft", "--init-from", tmp_path / "run", *flags).optim for name, flags in [
+        ("full", []), ("lora", ["--lora.rank", 2]), ("explicit", ["--lora.rank", 2, "--optim.lr", 5e-5]),
+        ("tiny", ["--preset", "tiny"])]}
+    expected = {"full": (2e-5, 2e-6), "lora": (2e-4, 2e-5), "explicit": (5e-5, 2e-6), "tiny": (1e-3, 1e-4)}
+    for name, (lr, min_lr) in expected.items():
+        assert (optims[name].lr, optims[name].min_lr) == pytest.approx((lr, min_lr)), name
+    assert "preset pretrained-cpu" in capsys.readouterr().out
+    (tmp_path / "sft").mkdir()
+    rundir.write_config(tmp_path / "sft", config.replace(config.preset("tiny", "sft"),
+                                                         train={"init_from": str(tmp_path / "run")}))
+    assert parsed("ppo", "--policy", tmp_path / "sft", "--reward", "gold").optim.lr == 1e-6  # a descendant too
+    assert parsed("sft", "--init-from", tmp_path / "sft").optim.lr == 2e-5
+    assert_one_error(*run_cli(capsys, "pretrain", "--preset", "pretrained-cpu", "--run-dir", tmp_path / "p")[::2],
+                     "--preset pretrained-cpu fine-tunes a model imported with import-hf")

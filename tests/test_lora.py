@@ -19,7 +19,6 @@ from peft import PeftModel
 from safetensors.numpy import load_file, save_file
 
 from genai_jax import cli, config, hf, lora, rlhf, rundir, runs, stages
-from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import LoRAConfig, UserError
 from genai_jax.model import GPT
 from genai_jax.rlhf import experience

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_error, assert_trees_close, run_cli, snapshot
 
-from genai_jax import config, pipeline, rlhf, rundir, runs
+from genai_jax import completion, config, pipeline, rlhf, rundir, runs
 from genai_jax.sweeps import report
 
 pytestmark = pytest.mark.slow  # the four stages end to end
@@ -42,7 +42,7 @@ def finished_pipeline(tmp_path_factory):
 def test_pipeline_runs_every_stage_and_summarises(finished_pipeline, capsys):
     run_dir, summary = finished_pipeline
     for stage in pipeline.STAGES:
-        assert pipeline.finished(run_dir / stage, small_configs(run_dir)[stage]), stage
+        assert completion.finished(run_dir / stage, small_configs(run_dir)[stage].train.max_steps), stage
     assert set(summary) == set(pipeline.STAGES)
     for stage in ("base", "sft", "ppo"):
         assert 0.0 <= summary[stage]["gold_sampled"] <= 100.0 and 0.0 <= summary[stage]["gold_greedy"] <= 100.0

@@ -3,6 +3,7 @@ hand computations; the rollout's `experience` against the sampler; one PPO train
 strategy; the order prompts are drawn in. GRPO and RLOO: their advantages, objective, experience,
 groups and one step under every strategy."""
 
+import math
 import re
 from functools import partial
 
@@ -22,7 +23,7 @@ from genai_jax.objectives.ppo import adaptive_kl_update, gae, kl_estimate, make_
 from genai_jax.parallel import Mesh, Pmap, Single
 from genai_jax.optim import make_ppo_optimizer
 from genai_jax.rlhf import (Prompts, check_algorithm, check_batches, experience, load_prompts, pack_minibatch,
-                            packed_rows, prompt_rows, response_mask, rl_objective, update_order)
+                            packed_rows, packed_width, prompt_rows, response_mask, rl_objective, update_order)
 from genai_jax.runs import make_ppo_init_fn
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import CharTokenizer
@@ -519,6 +520,11 @@ def test_packed_rows_default_and_refusals():
     assert packed_rows(config.replace(cfg, ppo=dict(pack_rows=-1)), prompts, 16, divisor=1) == 0
     assert packed_rows(config.replace(cfg, ppo=dict(pack_rows=3)), prompts, 16, divisor=1) == 3
     assert packed_rows(config.replace(cfg, ppo=dict(pack_rows=8)), prompts, 16, divisor=1) == 0  # 768 > 16 x 47
+    assert packed_width(cfg, prompts) == 96  # two sequences of 47 need 94: the context, 96
+    # A pretrained model's context (8192) would make rows of 8192: two sequences of 47, to a multiple of 64.
+    long_context = config.replace(cfg, model=dict(context_len=8192))
+    assert packed_width(long_context, prompts) == 128
+    assert packed_rows(long_context, prompts, 16, divisor=1) == math.ceil(16 * 28 / 128) + 1
 
 
 def test_ppo_optimizer_with_a_frozen_policy(models):

@@ -262,6 +262,25 @@ def test_skip_malformed_counts_and_keeps_the_good(tmp_path):
                       PreferenceGroup(({"role": "user", "content": "p"},), ("a", "b", "c"), (2, 0, 1))]
 
 
+def hh_marker_typo(shared: str) -> dict:
+    """An HH-RLHF line as 5 of the harmless-base test file's are: a "Human:" marker without its
+    blank line, inside an Assistant turn, so two Assistant turns end each transcript."""
+    typo = hh(("Human", "Who performs in drag?"), ("Assistant", f"Drag queens and drag kings.  Human: {shared}"))
+    return {"chosen": typo + hh(("Assistant", "They dress up.")), "rejected": typo + hh(("Assistant", "No idea."))}
+
+
+def test_hh_marker_typo_names_the_flag_that_skips_it(tmp_path):
+    path = write(tmp_path, json.dumps(hh_marker_typo("Then how do they perform?")), PAIR)
+    message = (r'file\.jsonl:1: "chosen": the turn before the final Assistant turn must be from the Human '
+               r"\(--data\.skip-malformed skips malformed lines\)$")
+    with pytest.raises(UserError, match=message):
+        read_preferences_jsonl(path, skip_flag="--data.skip-malformed")
+    with pytest.raises(UserError, match=r'Human$'):  # a reader without the flag names none
+        read_preferences_jsonl(path)
+    assert read_preferences_jsonl(path, skip_malformed=True, skip_flag="--data.skip-malformed") == (
+        [PreferenceGroup(USER, ("4", "5"), (0, 1))], 1)
+
+
 def test_empty_or_blank_file(tmp_path):
     for content in ("", "\n  \n\n"):
         path = tmp_path / "file.jsonl"

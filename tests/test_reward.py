@@ -25,15 +25,16 @@ from conftest import (
     tiny_model,
 )
 
-from genai_jax import cli, config, reward, rundir, runs, stages
+from genai_jax import cli, completion, config, reward, rlhf, rundir, runs, stages
 from genai_jax.config import UserError
 from genai_jax.data import world
-from genai_jax.data.chat import build_preference_rows
-from genai_jax.data.preferences import PreferenceGroup
+from genai_jax.data.chat import build_preference_rows, prompt_tail
+from genai_jax.data.preferences import PreferenceGroup, parse_hh_transcript
 from genai_jax.metrics import summary
 from genai_jax.model import GPT, init_params, with_scalar_head
 from genai_jax.objectives.bradley_terry import make_bradley_terry_objective, sequence_rewards
 from genai_jax.parallel import Mesh, Pmap, Single, fsdp_spec
+from genai_jax.sweeps import runner
 from genai_jax.tokenizer import END, CharTokenizer, encode_chat
 from genai_jax.train import TrainState, make_train_step
 
@@ -309,6 +310,45 @@ def test_preference_rows_name_a_group_with_an_unknown_character():
     bad = PreferenceGroup(user("2+2?"), ("4", "four \u20ac"), (0, 1))
     with pytest.raises(UserError, match=r"preference group 12: .*'\u20ac'"):
         build_preference_rows([PAIR, RANKED, bad], CHAR, 24, first=10)
+
+
+# An HH-RLHF-like history: 3 * 2 (a role and an end each) + 2 * 30 + 10 + 1 = 77 tokens with the
+# generation prompt.
+HISTORY = (*user("a" * 30), {"role": "assistant", "content": "b" * 30}, *user("c" * 10))
+
+
+@pytest.mark.parametrize("context_len, tail", [
+    (77 + 16, HISTORY),  # fits: whole
+    (64 + 16, (*user("a" * 17), *HISTORY[1:])),  # the earliest user turn's start cut, to the last token
+    (40 + 16, user("c" * 10)),  # that turn cannot stay (the assistant's alone is 32 tokens): the next one
+    (8 + 16, user("c" * 5)),
+    (3 + 16, user("")),
+])
+def test_prompt_tail_keeps_the_end_that_leaves_room_to_answer(context_len, tail):
+    assert prompt_tail(CHAR, HISTORY, context_len, 16) == list(tail)
+    assert len(encode_chat(CHAR, list(tail), generation_prompt=True)[0]) <= context_len - 16
+
+
+def test_prompt_tail_refuses_a_context_with_no_room_for_a_prompt():
+    with pytest.raises(UserError, match=r"^model\.context_len=18 leaves no room for a prompt and 16 new tokens$"):
+        prompt_tail(CHAR, HISTORY, 18, 16)
+
+
+def test_a_reward_run_is_finished_with_its_normalisation_only(tmp_path):
+    """The pipeline (which skips finished stages) and the sweep runner (which counts them done)
+    ask `completion.finished`: a reward run stopped after its last checkpoint, before its
+    normalisation, is unfinished for both."""
+    for name, head in (("sft", "lm"), ("reward", "scalar")):
+        run_dir = tmp_path / name
+        (run_dir / "checkpoints" / "2").mkdir(parents=True)
+        (run_dir / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir()  # a step being written
+        (run_dir / "config.json").write_text(json.dumps({"train": {"max_steps": 4}, "model": {"head": head}}))
+        assert not completion.finished(run_dir) and not runner.finished(name, str(run_dir))
+        assert completion.finished(run_dir, max_steps=2) == (head == "lm")
+        (run_dir / "checkpoints" / "4").mkdir()
+        assert completion.finished(run_dir) == runner.finished(name, str(run_dir)) == (head == "lm")
+    (tmp_path / "reward" / "reward_normalization.json").write_text(json.dumps({"gain": 1.0, "bias": 0.0}))
+    assert completion.finished(tmp_path / "reward") and runner.finished("reward", str(tmp_path / "reward"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,3 +653,78 @@ def test_reward_on_an_hh_rlhf_file(tmp_path, capsys, sft_run):
     final = records[-1]
     assert final["step"] == RM_STEPS and final["gain"] == normalization["gain"]
     assert "val_gold_accuracy" not in final  # no gold checker for a file's pairs
+
+
+@pytest.mark.slow
+def test_reward_on_hh_lines_with_the_released_files_defects(tmp_path, capsys, sft_run):
+    """HH-RLHF's harmless-base test file as released, in small: lines whose "Human:" marker lacks
+    its blank line (two Assistant turns end the transcript), and prompts far longer than the
+    context. The first such line stops the stage naming the flag that skips it; with that flag
+    alone the reward model trains on the prompts' ends, is normalised on the policy's samples for
+    the same ends, and PPO uses it."""
+    tokenizer = runs.load_trained(sft_run)[1]
+    problems = [p for p in world.problems(22, 128) if set(p.instruction + p.answer) <= set(tokenizer.chars)][:40]
+    assert len(problems) == 40
+    history = [turn for p in problems[32:] for turn in (("Human", p.instruction), ("Assistant", p.answer))]
+    lines = []
+    for p in problems[:32]:
+        turns = (*history, ("Human", p.instruction))
+        lines.append(json.dumps({"chosen": hh(*turns, ("Assistant", p.answer)),
+                                 "rejected": hh(*turns, ("Assistant", p.answer + p.answer[-1]))}))
+    typo = hh(("Human", "Who performs in drag?"), ("Assistant", "Drag queens and drag kings.  Human: Then how?"))
+    for line in (4, 20):  # 1-based lines 5 and 21
+        lines.insert(line, json.dumps({"chosen": typo + hh(("Assistant", "On stage.")),
+                                       "rejected": typo + hh(("Assistant", "I do not know."))}))
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    prompt = parse_hh_transcript(json.loads(lines[0])["chosen"])[:-1]
+    assert len(encode_chat(tokenizer, prompt, generation_prompt=True)[0]) > 4 * SMALL["context_len"]
+
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, *reward_argv(run_dir, "--init-from", sft_run, "--data.path", path))
+    assert_one_error(code, err, f"{path}:5: ", "the turn before the final Assistant turn", "--data.skip-malformed")
+    assert not run_dir.exists()
+
+    code, out, err = run_cli(capsys, *reward_argv(run_dir, "--init-from", sft_run, "--data.path", path,
+                                                  "--data.skip-malformed"))
+    assert code == 0, err
+    assert f"{path}: skipped 2 malformed line(s)" in out
+    records = rundir.read_metrics(run_dir)
+    assert records[0]["groups"] == records[0]["truncated"] == 32 - int(32 * 0.1)  # every prompt keeps its end
+    assert records[-1]["step"] == RM_STEPS and records[-1]["normalized_std"] > 0
+    assert completion.finished(run_dir)
+
+    ppo_cfg = config.replace(config.preset("tiny", "ppo"), model=SMALL, data=dict(world_chats=64),
+                             ppo=dict(epochs=1, minibatches=1, gold_prompts=8, max_new_tokens=8,
+                                      policy=str(sft_run), reward=str(run_dir)),
+                             train=dict(batch_size=8, max_steps=1, eval_every=1, ckpt_every=1, progress=False))
+    rlhf.ppo(ppo_cfg, tmp_path / "ppo")
+    assert completion.finished(tmp_path / "ppo")
+    [scored] = [r for r in rundir.read_metrics(tmp_path / "ppo") if "proxy_reward" in r]
+    assert np.isfinite(scored["proxy_reward"])
+
+
+@pytest.mark.slow
+def test_a_reward_run_stopped_before_its_normalisation_is_finished_by_its_rerun(tmp_path, capsys, sft_run,
+                                                                                   monkeypatch):
+    """A stop between the final checkpoint and the normalisation (a crash there, a preemption)
+    leaves an unfinished run, and running the stage again fits the normalisation without training."""
+    run_dir = tmp_path / "run"
+
+    def stop(scores):
+        raise UserError("stopped after training")
+
+    monkeypatch.setattr(reward, "fit_normalization", stop)
+    code, _, err = run_cli(capsys, *reward_argv(run_dir, "--init-from", sft_run))
+    assert_one_error(code, err, "stopped after training")
+    assert not completion.finished(run_dir) and not (run_dir / "reward_normalization.json").exists()
+    checkpoints = snapshot(run_dir / "checkpoints")
+    monkeypatch.undo()
+
+    code, _, err = run_cli(capsys, *reward_argv(run_dir, "--init-from", sft_run))
+    assert code == 0, err
+    assert completion.finished(run_dir)
+    assert snapshot(run_dir / "checkpoints") == checkpoints
+    records = rundir.read_metrics(run_dir)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, RM_STEPS + 1))
+    assert [r["step"] for r in records if "gain" in r] == [RM_STEPS]

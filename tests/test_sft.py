@@ -30,7 +30,7 @@ from genai_jax import cli, config, evaluation, rundir, runs, stages
 from genai_jax.checkpoint import Checkpointer
 from genai_jax.config import DataConfig
 from genai_jax.data import world
-from genai_jax.data.chat import build_rows, load_conversations
+from genai_jax.data.chat import build_rows, encode_rows, fitted_seq_len, load_conversations
 from genai_jax.metrics import summary
 from genai_jax.model import GPT
 from genai_jax.objectives.masked_lm import make_masked_lm_objective
@@ -593,3 +593,16 @@ def test_respond_is_unchanged_by_left_padding():
     assert together[0].text != together[1].text  # answers depend on the prompt: the check has teeth
     for chat, response in zip((short, long), together):
         assert (response.text, response.ended) == greedy_by_full_forward(cfg, params, CHAR, chat, 8)
+
+
+def test_sequences_sized_by_the_data():
+    """data.seq_len -1 (the pretrained presets): rows as long as the longest conversation needs,
+    rounded up to a multiple of 64 and at most the context; nothing truncated."""
+    assert [fitted_seq_len(n, 96) for n in (1, 64, 65, 200)] == [64, 64, 96, 96]
+    chats, _ = load_conversations(DataConfig(world_chats=40))
+    tokenizer = CharTokenizer.build(world.corpus(0, 50))
+    longest = max(len(encode_chat(tokenizer, chat)[0]) - 1 for chat in chats)
+    rows, stats = encode_rows(chats, tokenizer, DataConfig(), config.SEQ_LEN_FROM_DATA, limit=4096)
+    assert stats["seq_len"] == fitted_seq_len(longest, 4096) == rows["inputs"].shape[1] and stats["truncated"] == 0
+    rows, stats = encode_rows(chats, tokenizer, DataConfig(), config.SEQ_LEN_FROM_DATA, limit=longest - 1)
+    assert stats["seq_len"] == longest - 1 and stats["truncated"] > 0

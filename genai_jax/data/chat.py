@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from genai_jax.config import DataConfig, UserError
+from genai_jax.config import SEQ_LEN_FROM_DATA, DataConfig, UserError
 from genai_jax.data import conversations, world
 from genai_jax.distributed import say
 from genai_jax.tokenizer import Tokenizer, encode_chat
@@ -96,7 +96,7 @@ def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dic
         val = [world.chat(p) for p in world.problems(cfg.seed + 3, _WORLD_VAL_CHATS, held_out=True)]
         return train, val
     if source == "text":
-        chats, skipped = conversations.read_jsonl_conversations(cfg.path, cfg.skip_malformed)
+        chats, skipped = conversations.read_jsonl_conversations(cfg.path, cfg.skip_malformed, "--data.skip-malformed")
         if skipped:
             say(f"{cfg.path}: skipped {skipped} malformed line(s)")
     elif source == "tfds:databricks_dolly":
@@ -107,10 +107,21 @@ def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dic
     return chats[: len(chats) - n_val], chats[len(chats) - n_val :]
 
 
-def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, seq_len: int, first: int = 1):
-    """(rows, stats as a dict) of conversations in the chat template, per the data config.
-    Errors name the conversation by its file and line (data.path) or its number in the source,
-    the first of `chats` being number `first`."""
+SEQ_LEN_BUCKET = 64
+
+
+def fitted_seq_len(longest: int, limit: int) -> int:
+    """A sequence length for examples of up to `longest` tokens: rounded up to a multiple of
+    SEQ_LEN_BUCKET (runs on similar data share shapes), at most `limit` (the context length)."""
+    return min(-(-longest // SEQ_LEN_BUCKET) * SEQ_LEN_BUCKET, limit)
+
+
+def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, seq_len: int, first: int = 1,
+                limit: int = 0):
+    """(rows, stats as a dict) of conversations in the chat template, per the data config; a
+    `seq_len` of SEQ_LEN_FROM_DATA (-1) is the longest conversation's (`fitted_seq_len`, at most
+    `limit`), and stats' `seq_len` says which was used. Errors name the conversation by its file
+    and line (data.path) or its number in the source, the first of `chats` being number `first`."""
     encoded = []
     for i, chat in enumerate(chats, start=first):
         try:
@@ -119,10 +130,12 @@ def encode_rows(chats: list[list[dict]], tokenizer: Tokenizer, cfg: DataConfig, 
             where = (f"{cfg.path}:{conversations.conversation_line(cfg.path, i)}" if cfg.resolved_source == "text"
                      else f"conversation {i}")
             raise UserError(f"{where}: {err}") from None
+    if seq_len == SEQ_LEN_FROM_DATA:
+        seq_len = fitted_seq_len(max((len(tokens) - 1 for tokens, _ in encoded), default=1), limit)
     rows, stats = build_rows(encoded, seq_len, tokenizer.pad_id, pack=cfg.pack, overlong=cfg.overlong)
     if stats.rows == 0:
         raise UserError(f"no conversation has a response token within {seq_len} tokens")
-    return rows, dataclasses.asdict(stats)
+    return rows, dataclasses.asdict(stats) | {"seq_len": seq_len}
 
 
 def response_tokens(tokenizer: Tokenizer, prompt, response: str, seq_len: int) -> tuple[np.ndarray, int, bool]:
@@ -132,6 +145,39 @@ def response_tokens(tokenizer: Tokenizer, prompt, response: str, seq_len: int) -
     tokens, mask = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": response}])
     answer = len(mask) - 1 - int(np.flatnonzero(mask == 0)[-1])  # the final run of learned tokens
     return tokens[-seq_len:], min(answer, seq_len), len(tokens) > seq_len
+
+
+def longest_response(groups, tokenizer: Tokenizer) -> int:
+    """The most tokens any response of preference `groups` takes after its prompt in the chat
+    template (what `fitted_seq_len` sizes preference rows by)."""
+    return max((len(encode_chat(tokenizer, [*group.prompt, {"role": "assistant", "content": response}])[0])
+                for group in groups for response in group.responses), default=1)
+
+
+def prompt_tail(tokenizer: Tokenizer, prompt, context_len: int, max_new_tokens: int) -> list[dict]:
+    """The end of `prompt` whose generation prompt leaves `max_new_tokens` of `context_len` to
+    answer, as the rows above keep the end of a conversation: from the earliest user turn that can
+    stay, with the fewest characters cut from that turn's start. A tail that opens with the user
+    suits templates that need the roles to alternate; a prompt that fits is kept whole."""
+    room = context_len - max_new_tokens
+
+    def excess(messages) -> int:
+        return len(encode_chat(tokenizer, messages, generation_prompt=True)[0]) - room
+
+    def cut(start: int, chars: int) -> list[dict]:
+        return [{**prompt[start], "content": prompt[start]["content"][chars:]}, *prompt[start + 1 :]]
+
+    for start in [0] + [i for i, message in enumerate(prompt) if i and message["role"] == "user"]:
+        if excess(prompt[start:]) <= 0:
+            return list(prompt[start:])
+        low, high = 0, len(prompt[start]["content"])  # bisect the characters to cut
+        if excess(cut(start, high)) > 0:
+            continue
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if excess(cut(start, middle)) <= 0 else (middle + 1, high)
+        return cut(start, high)
+    raise UserError(f"model.context_len={context_len} leaves no room for a prompt and {max_new_tokens} new tokens")
 
 
 def build_preference_rows(groups, tokenizer: Tokenizer, seq_len: int, overlong: str = "truncate", first: int = 1,

@@ -25,10 +25,12 @@ class BadLine(Exception):
 
 
 def read_jsonl_records(path: str | os.PathLike, parse: Callable[[dict], T], what: str,
-                       skip_malformed: bool = False) -> tuple[list[T], int]:
+                       skip_malformed: bool = False, skip_flag: str = "") -> tuple[list[T], int]:
     """`parse(obj)` of the JSON object on each non-blank line, and the number of lines skipped.
     A line that is not a JSON object or that `parse` rejects (BadLine) raises
     UserError("<path>:<line>: <what is wrong>"), or is skipped and counted with `skip_malformed`.
+    `skip_flag`, the option that sets `skip_malformed` where a command has one, ends the error:
+    real files have a few bad lines, and a user cannot guess the way past them.
     `what` names the items for the error on a file that yields none."""
     items, skipped = [], 0
     for number, line in _jsonl_lines(path):
@@ -36,7 +38,8 @@ def read_jsonl_records(path: str | os.PathLike, parse: Callable[[dict], T], what
             items.append(parse(_json_object(line)))
         except BadLine as err:
             if not skip_malformed:
-                raise UserError(f"{path}:{number}: {err}") from None
+                hint = f" ({skip_flag} skips malformed lines)" if skip_flag else ""
+                raise UserError(f"{path}:{number}: {err}{hint}") from None
             skipped += 1
     if not items:
         raise UserError(f"{path}: no {what}" + (f" ({skipped} malformed lines skipped)" if skipped else ""))
@@ -69,14 +72,15 @@ def prompt_line(path: str | os.PathLike, number: int) -> int:
     return record_line(path, number, _prompt)
 
 
-def read_jsonl_conversations(path: str | os.PathLike, skip_malformed: bool = False) -> tuple[list[list[dict]], int]:
+def read_jsonl_conversations(path: str | os.PathLike, skip_malformed: bool = False,
+                             skip_flag: str = "") -> tuple[list[list[dict]], int]:
     """Conversations of a JSONL file and the number of malformed lines skipped.
 
     Each non-blank line is `{"prompt": str, "response": str}` (optionally `"system": str`), read as
     [system?, user, assistant], or `{"messages": [{"role": ..., "content": ...}, ...]}`. A malformed
-    line raises UserError("<path>:<line>: <what is wrong>"), or is skipped and counted when
-    `skip_malformed` is set."""
-    return read_jsonl_records(path, _conversation, "conversations", skip_malformed)
+    line raises UserError("<path>:<line>: <what is wrong>" and `skip_flag`, as `read_jsonl_records`),
+    or is skipped and counted when `skip_malformed` is set."""
+    return read_jsonl_records(path, _conversation, "conversations", skip_malformed, skip_flag)
 
 
 def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:

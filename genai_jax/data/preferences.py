@@ -47,7 +47,7 @@ def pairs(group: PreferenceGroup) -> list[tuple[int, int]]:
 
 
 def read_preferences_jsonl(path: str | os.PathLike, skip_malformed: bool = False,
-                           max_responses: int = 8) -> tuple[list[PreferenceGroup], int]:
+                           max_responses: int = 8, skip_flag: str = "") -> tuple[list[PreferenceGroup], int]:
     """Preference groups of a JSONL file and the number of malformed lines skipped.
 
     Each non-blank line is one of
@@ -58,11 +58,13 @@ def read_preferences_jsonl(path: str | os.PathLike, skip_malformed: bool = False
           "\\n\\nHuman: ..." / "\\n\\nAssistant: ..." turns that agree on every turn before their
           final Assistant turn; those shared turns are the prompt, the final turns the responses.
     A "prompt" string is the single user message of the prompt. A malformed line raises
-    UserError("<path>:<line>: <what is wrong>"), or is skipped and counted when `skip_malformed`
-    is set; a group with more than `max_responses` responses is malformed."""
+    UserError("<path>:<line>: <what is wrong>" and `skip_flag`, as `read_jsonl_records`), or is
+    skipped and counted when `skip_malformed` is set; a group with more than `max_responses`
+    responses is malformed."""
     if max_responses < 2:
         raise ValueError(f"max_responses must be at least 2, got {max_responses}")
-    return read_jsonl_records(path, partial(_group, max_responses=max_responses), "preference pairs", skip_malformed)
+    return read_jsonl_records(path, partial(_group, max_responses=max_responses), "preference pairs", skip_malformed,
+                              skip_flag)
 
 
 def preference_line(path: str | os.PathLike, number: int, max_responses: int = 8) -> int:

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from genai_jax import completion
 from genai_jax.config import UserError
 from genai_jax.overrides import PIPELINE_STAGES
 from genai_jax.sweeps.spec import Run
@@ -64,24 +65,13 @@ def write_status(sweep_dir: str, name: str, status: dict) -> None:
     os.replace(partial, path)
 
 
-def final_checkpoint(run_dir: str) -> bool:
-    """Whether a stage's run directory holds the checkpoint of its last step (orbax writes each
-    step into a temporary folder and renames it to the step number when complete)."""
-    try:
-        with open(os.path.join(run_dir, "config.json")) as file:
-            last = json.load(file)["train"]["max_steps"]
-        steps = [int(name) for name in os.listdir(os.path.join(run_dir, "checkpoints")) if name.isdigit()]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(steps) and max(steps) >= last
-
-
 def finished(command: str, run_dir: str) -> bool:
-    """A stage: its final checkpoint exists. The pipeline: every stage's does and summary.json too."""
+    """A stage: `completion.finished`, as the pipeline tests its stages. The pipeline: each of its
+    stages, and summary.json."""
     if command != "pipeline":
-        return final_checkpoint(run_dir)
+        return completion.finished(run_dir)
     return (os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
-            and all(final_checkpoint(os.path.join(run_dir, stage)) for stage in PIPELINE_STAGES))
+            and all(completion.finished(os.path.join(run_dir, stage)) for stage in PIPELINE_STAGES))
 
 
 def _alive(pid) -> bool:
@@ -97,8 +87,9 @@ def _alive(pid) -> bool:
 
 
 def effective_status(sweep_dir: str, record: dict) -> str:
-    """pending, running, done, failed, interrupted, or incomplete (it exited 0 but its final
-    checkpoint is gone). A run marked running by a process of this host that has died is interrupted."""
+    """pending, running, done, failed, interrupted, or incomplete (it exited 0 but is no longer
+    finished: its final checkpoint or normalisation is gone). A run marked running by a process of
+    this host that has died is interrupted."""
     status = read_status(sweep_dir, record["name"])
     state = status.get("status")
     run_dir = os.path.join(sweep_dir, record["name"])
@@ -287,7 +278,7 @@ def _finish(job: Job, sweep_dir: str, stopping: bool) -> str:
     if code == 0 and finished(job.run.command, job.run.run_dir(sweep_dir)):
         state = "done"
     elif code == 0:
-        state, error = "failed", "exited 0 without its final checkpoint"
+        state, error = "failed", "exited 0 unfinished (no final checkpoint or normalisation)"
     elif code in INTERRUPTED_CODES or (stopping and code < 0):
         state = "interrupted"
     else:
