@@ -38,16 +38,19 @@ def answer(question: str) -> int:
     return a + b if op == "+" else a - b
 
 
-def questions(seed: int, count: int, split: str, digits: int = 2) -> list[str]:
-    """`count` distinct questions of `split`, drawn from `seed`: sums and differences of two
-    numbers of `digits` digits."""
+def questions(seed: int, count: int, split: str, ops: str = "+", digits: tuple[int, int] = (2, 2)) -> list[str]:
+    """`count` distinct questions of `split`, drawn from `seed`: `ops` (+, -) on a number of
+    digits[0] digits and one of digits[1]."""
     rng, found = random.Random(seed), {}
-    low, high = 10 ** (digits - 1), 10**digits - 1
-    while len(found) < count:
-        question = QUESTION.format(a=rng.randint(low, high), op=rng.choice("+-"), b=rng.randint(low, high))
+    bounds = [(10 ** (n - 1) if n > 1 else 0, 10**n - 1) for n in digits]
+    for _ in range(100 * count):
+        a, b = (rng.randint(low, high) for low, high in bounds)
+        question = QUESTION.format(a=a, op=rng.choice(ops), b=b)
         if split_of(question) == split:
             found[question] = None
-    return list(found)
+        if len(found) == count:
+            return list(found)
+    raise ValueError(f"found only {len(found)} distinct {split} questions of {ops!r} on {digits} digits, not {count}")
 
 
 def last_number(response: str) -> int | None:
@@ -66,11 +69,14 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--held-out", type=int, default=200, help="questions in val.jsonl and in test.jsonl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ops", default="+", help="operations to draw from: + and/or -")
+    parser.add_argument("--digits", type=int, nargs=2, default=(2, 2), help="digits of the two numbers")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", args.train), ("val", args.held_out), ("test", args.held_out)):
-        lines = [json.dumps({"prompt": question}) + "\n" for question in questions(args.seed, count, split)]
+        lines = [json.dumps({"prompt": question}) + "\n"
+                 for question in questions(args.seed, count, split, args.ops, tuple(args.digits))]
         (out / f"{split}.jsonl").write_text("".join(lines))
         print(f"{out / split}.jsonl: {count} questions")
 

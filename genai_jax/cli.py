@@ -149,15 +149,25 @@ def _init_run_model(stage_model: ModelConfig, init_run: str) -> ModelConfig:
 
 @dataclass(frozen=True)
 class EvalArgs:
-    """Gold score of a run's policy on held-out prompts of the synthetic world."""
+    """A run's policy on held-out prompts: the synthetic world's gold score, or with --prompts and
+    --reward your own task's mean reward, greedy and sampled, with 95% intervals over the prompts."""
 
     run: str
     num_prompts: int = GOLD_PROMPTS
+    """World: held-out prompts scored."""
     max_new_tokens: int = 32
     temperature: float = 0.0
-    """0 is greedy decoding."""
+    """World: 0 is greedy decoding. Your task: the sampled answers' temperature (greedy is always
+    measured too); 0 means 1.0."""
     batch_size: int = 64
     seed: int = 0
+    prompts: str = ""
+    """Your task: a JSONL file of {"prompt": ...} lines (with --reward)."""
+    reward: str = ""
+    """Your task: python:MODULE:FUNCTION, `(prompts, responses) -> list[float]` (MODULE imported from
+    the working directory), or a reward model run directory."""
+    out: str = ""
+    """Your task: where each prompt's answers and scores go (default RUN/eval_responses.jsonl)."""
 
 
 @dataclass(frozen=True)
@@ -337,11 +347,55 @@ def cmd_score(argv: list[str]) -> None:
     _write_jsonl([record | {"score": float(score)} for record, score in zip(records, scores)], args.out, "scores")
 
 
+def _task_scorer(spec: str, policy_cfg):
+    """`score(prompts, responses)` of `eval --reward`: a user's function (`scorers`), or a reward
+    model run (its normalised scores; its vocabulary must be the policy's)."""
+    from genai_jax import reward, runs, scorers
+
+    if spec.startswith(scorers.CODE_REWARD):
+        function = scorers.load_reward_function(spec)
+        return lambda prompts, responses: scorers.checked_scores(function, spec, prompts, responses)
+    cfg, tokenizer, params = runs.load_trained(spec)
+    if cfg.model.head != "scalar":
+        raise UserError(f"--reward {spec} is not a reward model run (model.head={cfg.model.head}) nor python:MODULE:FUNCTION")
+    if cfg.model.vocab_size != policy_cfg.model.vocab_size:
+        raise UserError(f"--reward {spec} has vocabulary {cfg.model.vocab_size}, the policy {policy_cfg.model.vocab_size}")
+    normalization = reward.load_normalization(spec)
+    return lambda prompts, responses: reward.scores(cfg, params, tokenizer, [[{"role": "user", "content": p}]
+                                                                             for p in prompts], responses, normalization)
+
+
+def _eval_task(args: EvalArgs) -> None:
+    from genai_jax import runs
+    from genai_jax.data.conversations import read_prompts_jsonl
+    from genai_jax.evaluation import task_eval
+
+    if not (args.prompts and args.reward):
+        raise UserError("eval on your task needs both --prompts FILE.jsonl and --reward (python:MODULE:FUNCTION or a "
+                        "reward model run)")
+    prompts = read_prompts_jsonl(args.prompts)
+    cfg, tokenizer, params = runs.load_trained(args.run)
+    score = _task_scorer(args.reward, cfg)
+    summary, records = task_eval(cfg, params, tokenizer, prompts, score, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature or 1.0, seed=args.seed, batch_size=args.batch_size)
+    summary = {"prompts_file": args.prompts, "reward": args.reward, **summary}
+    if jax.process_index() == 0:  # every process computed the same
+        (epath.Path(args.run) / "eval.json").write_text(json.dumps(summary, indent=2))
+    _write_jsonl(records, args.out or str(epath.Path(args.run) / "eval_responses.jsonl"), "answers")
+    for mode in ("greedy", "sampled"):
+        result = summary[mode]
+        say(f"{args.run} {mode} (temperature {result['temperature']:g}): reward {result['mean']:.4g} "
+            f"[{result['ci95'][0]:.4g}, {result['ci95'][1]:.4g}] over {len(prompts)} prompts of {args.prompts}, "
+            f"ended {100 * result['ended']:.1f}%, response_tokens {result['response_tokens']:.1f}")
+
+
 def cmd_eval(argv: list[str]) -> None:
     from genai_jax import runs
     from genai_jax.evaluation import gold_eval
 
     args = tyro.cli(EvalArgs, args=argv, prog="genai-jax eval")
+    if args.prompts or args.reward:
+        return _eval_task(args)
     cfg, tokenizer, params = runs.load_trained(args.run)
     result = gold_eval(cfg, params, tokenizer, args.num_prompts, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from genai_jax import intervals
 from genai_jax.config import RunConfig, UserError
 from genai_jax.data import world
 from genai_jax.sampling import generate
@@ -95,3 +96,25 @@ def policy_gold(cfg: RunConfig, params, tokenizer: Tokenizer, num_prompts: int, 
                            temperature=temp)
         record |= {prefix + name: result[name] for name in ("gold_score", "exact", "ended", "response_tokens")}
     return record
+
+
+def task_eval(cfg: RunConfig, params, tokenizer: Tokenizer, prompts: list[str], score, *, max_new_tokens: int,
+              temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> tuple[dict, list[dict]]:
+    """(summary, one record per prompt) of a policy on a user's task: each prompt answered greedily
+    and sampled at `temperature`, each answer scored by `score(prompts, responses) -> [N]` (a
+    user's reward function or a reward model), and per mode the mean with its 95% t interval over
+    the prompts (`intervals.summarize`), the share of answers that ended their turn and their
+    length. The records hold every prompt's answers and scores."""
+    chats = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    summary, records = {"prompts": len(prompts)}, [{"prompt": prompt} for prompt in prompts]
+    for mode, temp in (("greedy", 0.0), ("sampled", temperature)):
+        responses = respond(cfg, params, tokenizer, chats, max_new_tokens=max_new_tokens, temperature=temp,
+                            seed=seed, batch_size=batch_size)
+        scores = np.asarray(score(prompts, [r.text for r in responses]), np.float64)
+        stat = intervals.summarize(scores.tolist())
+        summary[mode] = {"mean": stat.mean, "ci95": [stat.low, stat.high], "temperature": temp,
+                         "ended": float(np.mean([r.ended for r in responses])),
+                         "response_tokens": float(np.mean([r.num_tokens for r in responses]))}
+        for record, response, value in zip(records, responses, scores):
+            record[mode] = {"response": response.text, "score": float(value), "ended": response.ended}
+    return summary, records

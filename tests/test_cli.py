@@ -1,7 +1,10 @@
 """The command line on bad input: one clear error line, exit code 2, nothing created or overwritten.
 And `generate` on a trained run."""
 
+import json
+import math
 import shutil
+import statistics
 
 import pytest
 from conftest import assert_one_error, cli_flags, error_lines, run_cli, snapshot, tiny_run
@@ -144,3 +147,48 @@ def test_ppo_takes_its_runs_as_policy_and_reward_flags():
     assert (cfg.ppo.policy, cfg.ppo.reward) == ("runs/sft", "gold")
     cfg, _ = cli.parse_stage(["--preset", "tiny", "--ppo.policy", "runs/sft"], "ppo")
     assert (cfg.ppo.policy, cfg.ppo.reward) == ("runs/sft", "")
+
+
+TASK_REWARD = '''
+def has_letter(prompts, responses):
+    return [float("e" in r) for r in responses]
+def wrong_count(prompts, responses):
+    return [1.0]
+'''
+
+
+def test_eval_on_a_users_task_scores_greedy_and_sampled_answers_with_intervals(tmp_path, capsys, monkeypatch,
+                                                                              trained_run):
+    """`eval --prompts --reward python:...`: every answer scored by the user's function, each mode's
+    mean with its 95% t interval over the prompts (checked by hand: mean +- t(0.975, n-1) sd / sqrt(n)),
+    greedy answers the same as `generate --prompts` gives; bad input is one line."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (tmp_path / "task.py").write_text(TASK_REWARD)
+    monkeypatch.chdir(tmp_path)  # MODULE is imported from the working directory
+    prompts = ["reverse abc", "count tree", "sort cab", "upper fox", "reverse yes", "count be"]  # context 32
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    code, out, err = run_cli(capsys, "eval", "--run", run, "--prompts", tmp_path / "p.jsonl", "--reward",
+                             "python:task:has_letter", "--max-new-tokens", 8, "--out", tmp_path / "answers.jsonl")
+    assert code == 0, err
+    summary = json.loads((run / "eval.json").read_text())
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == prompts and summary["prompts"] == len(prompts)
+    t_975_df5 = 2.5705818366  # Student's t, 5 degrees of freedom
+    for mode in ("greedy", "sampled"):
+        scores = [a[mode]["score"] for a in answers]
+        assert scores == [float("e" in a[mode]["response"]) for a in answers]
+        mean, half = statistics.fmean(scores), t_975_df5 * statistics.stdev(scores) / math.sqrt(len(scores))
+        assert summary[mode]["mean"] == pytest.approx(mean)
+        assert summary[mode]["ci95"] == pytest.approx([mean - half, mean + half])
+        assert f"{mode} (temperature" in out
+    code, _, err = run_cli(capsys, "generate", "--run", run, "--prompts", tmp_path / "p.jsonl", "--max-new-tokens", 8,
+                           "--temperature", 0, "--out", tmp_path / "greedy.jsonl")
+    assert code == 0, err
+    generated = [json.loads(line)["response"] for line in (tmp_path / "greedy.jsonl").read_text().splitlines()]
+    assert generated == [a["greedy"]["response"] for a in answers]
+    for flags, needle in [(["--reward", "python:task:has_letter"], "needs both --prompts"),
+                          (["--prompts", tmp_path / "p.jsonl", "--reward", "python:task:wrong_count"],
+                           "returned 1 score(s)"),
+                          (["--prompts", tmp_path / "p.jsonl", "--reward", run], "is not a reward model run")]:
+        assert_one_error(*run_cli(capsys, "eval", "--run", run, *flags)[::2], needle)

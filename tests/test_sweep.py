@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_one_error, error_lines, run_cli
 
-from genai_jax import cli, config, overrides, pipeline
+from genai_jax import cli, config, intervals, overrides, pipeline
 from genai_jax.sweeps import report, runner
 from genai_jax.sweeps.spec import expand, load_spec, plan
 
@@ -340,13 +340,19 @@ def test_report_plots_are_written(finished_sweep):
 # ---- aggregation and plotting on made-up runs ---------------------------------------------------
 
 
-def test_t_quantiles_against_closed_forms():
-    assert report.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-6)
-    p = 0.975  # df 2: t = (2p - 1) / sqrt(2 p (1 - p))
-    assert report.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-6)
-    assert report.t_quantile(0.975, 4) == pytest.approx(2.7764451, rel=1e-6)
-    assert report.t_quantile(0.975, 30) == pytest.approx(2.0422725, rel=1e-6)
-    assert report.t_quantile(0.975, 100000) == pytest.approx(1.959964, rel=1e-4)  # the normal's
+T_975_DF2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)
+"""Student's t 0.975-quantile with 2 degrees of freedom, closed form: (2p - 1) / sqrt(2 p (1 - p))."""
+
+
+def test_intervals_against_closed_forms():
+    """The 95% t interval's half-width: sd / sqrt(n) times t's quantile, whose closed forms at 1
+    and 2 degrees of freedom are tan(pi (p - 1/2)) and T_975_DF2."""
+    two = intervals.summarize([1.0, 3.0])  # mean 2, sd sqrt(2)
+    assert (two.mean, two.n) == (2.0, 2) and two.sd == pytest.approx(math.sqrt(2))
+    assert two.half == pytest.approx(math.tan(math.pi * 0.475) * math.sqrt(2) / math.sqrt(2), rel=1e-6)
+    three = intervals.summarize([1.0, 2.0, 3.0])  # mean 2, sd 1
+    assert (three.low, three.high) == pytest.approx((2 - T_975_DF2 / math.sqrt(3), 2 + T_975_DF2 / math.sqrt(3)))
+    assert math.isnan(intervals.summarize([5.0]).half) and intervals.summarize([]) is None
 
 
 def made_up_runs(root, values: dict[str, list[list[float]]]):
@@ -375,7 +381,7 @@ def test_aggregation_of_made_up_metrics(tmp_path):
     table = report.cell_table(rows, ["loss", "val_loss"])
     first = table[0]["stats"]["loss"]  # 2, 1, 3
     assert (first.mean, first.sd, first.n) == (2.0, 1.0, 3)
-    assert first.half == pytest.approx(report.t_quantile(0.975, 2) / math.sqrt(3))
+    assert first.half == pytest.approx(T_975_DF2 / math.sqrt(3))
     second = table[1]
     assert (second["runs"], second["done"], second["failed"]) == (2, 1, 1)
     assert second["stats"]["loss"].n == 1 and math.isnan(second["stats"]["loss"].half)
@@ -509,7 +515,7 @@ def test_many_metrics_give_a_table_per_cell_with_a_row_per_metric():
             for seed in range(3)]
     text = report.markdown(report.cell_table(rows, metrics), metrics, "t", [])
     assert "## c: 3 run(s), 3 done, 0 failed" in text
-    half = report.t_quantile(0.975, 2) / math.sqrt(3)  # values i, i + 1, i + 2: mean i + 1, sd 1
+    half = T_975_DF2 / math.sqrt(3)  # values i, i + 1, i + 2: mean i + 1, sd 1
     assert f"| `m2` | 3 | 1 | 3 | [{3 - half:.4g}, {3 + half:.4g}] |" in text
 
 

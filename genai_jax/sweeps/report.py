@@ -18,21 +18,18 @@ imported only when plotting).
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 import os
 import re
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from genai_jax import replica_log
+from genai_jax.intervals import Stat, summarize
 from genai_jax.sweeps import runner
 
 METRICS_FILE = "metrics.jsonl"  # genai_jax.rundir.METRICS_FILE (not imported: the report needs no JAX)
-CONFIDENCE = 0.95
 INTERVAL = ("95% interval: mean ± t(0.975, n - 1) · sd / √n, Student's t over the finished seeds (its quantile "
             "computed with the standard library: bisection on the t CDF, the density integrated by Simpson's rule); "
             "sd is the sample standard deviation (n - 1); one seed gives no sd and no interval")
@@ -106,57 +103,6 @@ def metric_curve(run_dir: str, command: str, metric: str, replica: int | None = 
             return {}
         run_dir = os.path.join(run_dir, stage)
     return {record["step"]: record[metric] for record in read_records(run_dir, replica) if _number(record.get(metric))}
-
-
-@functools.cache
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with `df` degrees of freedom."""
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def density(x: float) -> float:
-        return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
-
-    def cdf(x: float, n: int = 4000) -> float:  # Simpson's rule on [0, x]
-        h = x / n
-        total = density(0.0) + density(x) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
-        return 0.5 + total * h / 3
-
-    low, high = 0.0, 1.0
-    while cdf(high) < p:
-        low, high = high, 2 * high
-    for _ in range(50):
-        middle = (low + high) / 2
-        low, high = (middle, high) if cdf(middle) < p else (low, middle)
-    return (low + high) / 2
-
-
-@dataclass(frozen=True)
-class Stat:
-    mean: float
-    sd: float
-    """Sample standard deviation (n - 1); nan for one value."""
-    n: int
-    half: float
-    """Half-width of the 95% t interval; nan for one value."""
-
-    @property
-    def low(self) -> float:
-        return self.mean - self.half
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.half
-
-
-def summarize(values: list[float]) -> Stat | None:
-    """Mean, sd, n and 95% t interval of `values` (None when there are none)."""
-    if not values:
-        return None
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return Stat(mean, math.nan, 1, math.nan)
-    sd = statistics.stdev(values)
-    return Stat(mean, sd, len(values), t_quantile(0.5 + CONFIDENCE / 2, len(values) - 1) * sd / math.sqrt(len(values)))
 
 
 def result_rows(sweep_dir: str, records: list[dict]) -> list[dict]:
