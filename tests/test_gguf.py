@@ -17,7 +17,7 @@ import transformers
 from conftest import assert_one_error, run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from genai_jax import gguf_file, hf, runs
+from genai_jax import gguf_file, hf, rundir, runs
 from genai_jax.model import GPT
 from genai_jax.sampling import generate
 from genai_jax.tokenizer import decode_response, encode_chat, load_tokenizer, stop_ids
@@ -213,12 +213,19 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.mark.slow
-def test_smollm2_from_its_package_answers_as_transformers_does(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(GGUF path, run dir) of SmolLM2-135M-Instruct imported once from its package."""
     path = smollm2_gguf()
-    code, _, err = run_cli(capsys, "import-hf", "--from", str(path), "--run-dir", str(tmp_path / "smol"))
-    assert code == 0, err
-    cfg, tokenizer, params = runs.load_trained(tmp_path / "smol")
+    run_dir = tmp_path_factory.mktemp("smollm2") / "run"
+    hf.import_hf(path, run_dir)
+    return path, run_dir
+
+
+@pytest.mark.slow
+def test_smollm2_from_its_package_answers_as_transformers_does(smollm2):
+    path, run_dir = smollm2
+    cfg, tokenizer, params = runs.load_trained(run_dir)
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.kv_heads) == (30, 576, 9, 3)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     their_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -234,3 +241,28 @@ def test_smollm2_from_its_package_answers_as_transformers_does(tmp_path, capsys)
                                    max_new_tokens=16, eos_token_id=2, pad_token_id=2)[0, len(prompt):].tolist()
     assert expected[-1] == 2 and np.asarray(ours)[0, :len(expected)].tolist() == expected
     assert decode_response(tokenizer, np.asarray(ours)[0]) == ("The capital of France is Paris.", True)
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tuned_with_its_preset_exports_to_transformers(smollm2, tmp_path, capsys):
+    """A short LoRA SFT of the real model with the README's command (the pretrained-cpu preset
+    chosen for it), exported: transformers loads the folder, gives our logits and our chat tokens."""
+    _, run_dir = smollm2
+    chats = [{"prompt": f"What is {a} + {b}?", "response": f"{a + b}"} for a, b in [(12, 30), (45, 17), (8, 61)] * 4]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    code, out, err = run_cli(capsys, "sft", "--init-from", run_dir, "--run-dir", tmp_path / "sft", "--data.path",
+                             tmp_path / "chats.jsonl", "--lora.rank", 4, "--train.max-steps", 2, "--train.eval-batches",
+                             1, "--train.no-progress")
+    assert code == 0, err
+    assert "preset pretrained-cpu" in out
+    assert rundir.read_config(tmp_path / "sft").data.seq_len == 64  # the chats' length, not the context's 8192
+    code, _, err = run_cli(capsys, "export-hf", "--run", tmp_path / "sft", "--out", tmp_path / "out")
+    assert code == 0, err
+    cfg, tokenizer, params = runs.load_trained(tmp_path / "sft")
+    chat = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}]
+    tokens, _ = encode_chat(tokenizer, chat)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert tokens.tolist() == transformers.AutoTokenizer.from_pretrained(tmp_path / "out").apply_chat_template(
+        chat, tokenize=True, return_dict=False)
+    ours = np.asarray(GPT(cfg.model).apply(params, tokens[None]))
+    np.testing.assert_allclose(ours, logits_of(exported, tokens[None]), rtol=1e-4, atol=2e-3)
