@@ -411,8 +411,8 @@ _GPT2_SMALL = RunConfig(
 # not fit a CPU step), and learning rates are the field's usual ones for pretrained models
 # (FINE_TUNING_LR). `pretrained-cpu` fits 2 CPU cores with a 135M model; `pretrained-gpu` one GPU.
 SEQ_LEN_FROM_DATA = -1
-_PRETRAINED_CPU = RunConfig(
-    optim=OptimConfig(lr=2e-5, min_lr=2e-6, warmup_steps=10, weight_decay=0.0, clip_norm=1.0),
+_PRETRAINED_CPU = RunConfig(  # learning rates per stage: `preset` takes them from FINE_TUNING_LR
+    optim=OptimConfig(warmup_steps=10, weight_decay=0.0, clip_norm=1.0),
     data=DataConfig(seq_len=SEQ_LEN_FROM_DATA, pack=True),
     train=TrainConfig(batch_size=8, max_steps=100, eval_every=25, ckpt_every=25, eval_batches=4, sample_tokens=0),
 )
